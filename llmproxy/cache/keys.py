@@ -1,0 +1,74 @@
+"""
+Cache keys and per-request cache controls.
+
+The key is the sha256 of the canonical JSON (sorted keys, no whitespace) of the
+endpoint, the public model and the whole request body minus the proxy-only
+``cache`` field, plus the client key's name when ``scope: key``.  ``stream`` is
+part of the body, so a streamed and a plain answer never share an entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from llmproxy import errors
+
+
+@attrs.frozen
+class CacheControl:
+    lookup: bool = True
+    store: bool = True
+    ttl: float | None = None
+
+
+def parse_controls(header: str | None, field: object) -> CacheControl:
+    """From ``Cache-Control: no-cache|no-store`` and the body's ``cache`` object."""
+    directives = {d.strip().lower() for d in (header or "").split(",") if d.strip()}
+    lookup = "no-cache" not in directives and "no-store" not in directives
+    store = "no-store" not in directives
+    ttl = None
+    if field is not None:
+        if not isinstance(field, Mapping):
+            raise errors.bad_request("'cache' must be an object", param="cache")
+        for name in field:
+            if name not in ("no-cache", "no-store", "ttl"):
+                raise errors.bad_request(f"unknown cache control '{name}'", param="cache")
+        for name in ("no-cache", "no-store"):
+            if name in field and not isinstance(field[name], bool):
+                raise errors.bad_request(f"'cache.{name}' must be a boolean", param="cache")
+        if field.get("no-cache") or field.get("no-store"):
+            lookup = False
+        if field.get("no-store"):
+            store = False
+        if "ttl" in field:
+            value = field["ttl"]
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise errors.bad_request("'cache.ttl' must be a positive number", param="cache")
+            ttl = float(value)
+    return CacheControl(lookup=lookup, store=store, ttl=ttl)
+
+
+def canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def cache_key(
+    namespace: str,
+    endpoint: str,
+    model: str,
+    body: Mapping[str, Any],
+    scope_name: str | None,
+) -> str:
+    material: dict[str, Any] = {
+        "endpoint": endpoint,
+        "model": model,
+        "body": {k: v for k, v in body.items() if k != "cache"},
+    }
+    if scope_name is not None:
+        material["key"] = scope_name
+    return f"{namespace}:cache:{hashlib.sha256(canonical(material)).hexdigest()}"

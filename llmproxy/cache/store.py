@@ -1,0 +1,72 @@
+"""The cache facade the pipeline talks to, and the backend interface."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+
+from llmproxy.cache.entry import Entry
+
+
+class CacheBackend(Protocol):
+    def get(self, key: str) -> Deferred[bytes | None]: ...
+
+    def set(self, key: str, value: bytes, ttl: float) -> Deferred[None]: ...
+
+    def purge(self) -> Deferred[int]: ...
+
+
+class ResponseCache:
+    """
+    Lookups and stores with the rules of DESIGN.md; a backend failure is a miss
+    (or a skipped store), never a failed request.
+    """
+
+    log = Logger()
+
+    def __init__(self, backend: CacheBackend | None, ttl: float, scope: str) -> None:
+        self.backend = backend
+        self.ttl = ttl
+        self.scope = scope
+        self.counters = dict.fromkeys(("hits", "misses", "stores", "errors", "bypass"), 0)
+        self.skipped: dict[str, int] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.backend is not None
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    async def lookup(self, key: str) -> Entry | None:
+        assert self.backend is not None
+        try:
+            raw = await self.backend.get(key)
+        except CancelledError:
+            raise
+        except Exception:
+            self.counters["errors"] += 1
+            self.log.failure("cache lookup failed; treating as a miss")
+            raw = None
+        entry = Entry.decode(raw) if raw is not None else None
+        self.counters["hits" if entry is not None else "misses"] += 1
+        return entry
+
+    async def store(self, key: str, entry: Entry, ttl: float | None) -> None:
+        assert self.backend is not None
+        try:
+            await self.backend.set(key, entry.encode(), ttl or self.ttl)
+        except CancelledError:
+            raise
+        except Exception:
+            self.counters["errors"] += 1
+            self.log.failure("cache store failed; answer not cached")
+            return
+        self.counters["stores"] += 1
+
+    async def purge(self) -> int:
+        if self.backend is None:
+            return 0
+        return await self.backend.purge()

@@ -1,0 +1,572 @@
+"""
+Configuration: one YAML file read into frozen, typed objects.
+
+Everything a running proxy knows about its upstreams, models, routing, cache and
+keys comes from here.  Loading validates the whole schema up front: unknown keys
+are errors (with a "did you mean"), ``${VAR}`` / ``${VAR:-default}`` are expanded
+from the environment, and every error names the path of the offending value,
+e.g. ``models.gpt-4o.targets[1].upstream: no upstream named 'azure'``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Callable, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import attrs
+import yaml
+
+T = TypeVar("T")
+
+STRATEGIES = ("round_robin", "least_busy", "latency", "random", "priority")
+CACHE_BACKENDS = ("memory", "redis", "off")
+CACHE_SCOPES = ("key", "shared")
+RETRY_REASONS = ("connect", "timeout")
+
+
+class ConfigError(Exception):
+    """A configuration problem; ``str()`` is the path-named message for the user."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        self.message = message
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+# -- value objects -----------------------------------------------------------------
+
+
+@attrs.frozen
+class Timeouts:
+    connect: float = 5.0
+    first_byte: float = 120.0
+    idle: float = 60.0
+    total: float = 900.0
+
+
+@attrs.frozen
+class Upstream:
+    name: str
+    base_url: str
+    api_key: str | None = None
+    headers: Mapping[str, str] = attrs.field(factory=dict)
+    max_connections: int = 64
+    timeouts: Timeouts = Timeouts()
+
+
+@attrs.frozen
+class Target:
+    """One place a public model can be served from."""
+
+    upstream: str
+    model: str
+    weight: int = 1
+
+    @property
+    def id(self) -> str:
+        return f"{self.upstream}/{self.model}"
+
+
+@attrs.frozen
+class Model:
+    name: str
+    targets: tuple[Target, ...]
+    strategy: str = "round_robin"
+
+
+@attrs.frozen
+class Cooldown:
+    failures: int = 3
+    seconds: float = 30.0
+    max_seconds: float = 300.0
+
+
+@attrs.frozen
+class Routing:
+    retries: int = 2
+    retry_on: frozenset[str | int] = frozenset(
+        {"connect", "timeout", 429, 500, 502, 503, 504}
+    )
+    cooldown: Cooldown = Cooldown()
+
+
+@attrs.frozen
+class Server:
+    max_body_bytes: int = 32 * 1024 * 1024
+    drain_seconds: float = 30.0
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
+
+
+@attrs.frozen
+class Redis:
+    url: str = "redis://127.0.0.1:6379/0"
+    timeout: float = 0.25
+
+
+@attrs.frozen
+class Cache:
+    backend: str = "memory"
+    ttl: float = 3600.0
+    namespace: str = "llmproxy"
+    max_bytes: int = 256 * 1024 * 1024
+    scope: str = "key"
+
+
+@attrs.frozen
+class ApiKey:
+    """A client key.  Exactly one of ``key`` / ``key_sha256`` is set."""
+
+    name: str
+    key: str | None = attrs.field(default=None, repr=False)
+    key_sha256: str | None = None
+    models: frozenset[str] | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+
+
+@attrs.frozen
+class Auth:
+    keys: tuple[ApiKey, ...] = ()
+    admin_keys: tuple[str, ...] = attrs.field(default=(), repr=False)
+
+
+@attrs.frozen
+class Config:
+    listen: tuple[str, ...] = ("tcp:8080:interface=127.0.0.1",)
+    server: Server = Server()
+    upstreams: Mapping[str, Upstream] = attrs.field(factory=dict)
+    models: Mapping[str, Model] = attrs.field(factory=dict)
+    routing: Routing = Routing()
+    redis: Redis | None = None
+    cache: Cache = Cache()
+    auth: Auth = Auth()
+    source: str = ""
+
+    def secrets(self) -> tuple[str, ...]:
+        """Every configured secret, for redaction: upstream keys first."""
+        found = [u.api_key for u in self.upstreams.values() if u.api_key]
+        found += [k.key for k in self.auth.keys if k.key]
+        found += list(self.auth.admin_keys)
+        return tuple(s for s in found if len(s) >= 4)
+
+
+# -- environment expansion -----------------------------------------------------------
+
+_ENV = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(text: str, path: str, environ: Mapping[str, str]) -> str:
+    """Expand ``${VAR}`` and ``${VAR:-default}``; ``$$`` is a literal ``$``."""
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, default = match.group(1), match.group(2)
+        value = environ.get(name)
+        if value is None or (value == "" and default is not None):
+            if default is None:
+                raise ConfigError(path, f"environment variable {name} is not set")
+            return default
+        return value
+
+    return _ENV.sub(substitute, text)
+
+
+def _expand_tree(node: Any, path: str, environ: Mapping[str, str]) -> Any:
+    if isinstance(node, str):
+        return expand_env(node, path, environ)
+    if isinstance(node, dict):
+        return {k: _expand_tree(v, _join(path, str(k)), environ) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_tree(v, f"{path}[{i}]", environ) for i, v in enumerate(node)]
+    return node
+
+
+# -- a small typed reader over the raw YAML tree -------------------------------------
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _type_name(value: object) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(value), type(value).__name__
+    )
+
+
+class _Section:
+    """A mapping in the YAML tree, with the path that names it in errors."""
+
+    def __init__(self, raw: object, path: str, allowed: tuple[str, ...]) -> None:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(path, f"expected a mapping, got {_type_name(raw)}")
+        for key in raw:
+            if not isinstance(key, str) or key not in allowed:
+                hint = difflib.get_close_matches(str(key), allowed, n=1)
+                extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+                raise ConfigError(_join(path, str(key)), f"unknown key{extra}")
+        self.raw: dict[str, Any] = raw
+        self.path = path
+
+    def path_of(self, key: str) -> str:
+        return _join(self.path, key)
+
+    def has(self, key: str) -> bool:
+        return self.raw.get(key) is not None
+
+    def get(self, key: str, parse: Callable[[object, str], T], default: T) -> T:
+        if self.raw.get(key) is None:
+            return default
+        return parse(self.raw[key], self.path_of(key))
+
+    def require(self, key: str, parse: Callable[[object, str], T]) -> T:
+        if self.raw.get(key) is None:
+            raise ConfigError(self.path_of(key), "is required")
+        return parse(self.raw[key], self.path_of(key))
+
+
+def _string(value: object, path: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ConfigError(path, f"expected a string, got {_type_name(value)}")
+    return str(value)
+
+
+def _number(low: float = 0, allow_equal: bool = True) -> Callable[[object, str], float]:
+    def parse(value: object, path: str) -> float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(path, f"expected a number, got '{value}'") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, f"expected a number, got {_type_name(value)}")
+        if value < low or (value == low and not allow_equal):
+            op = ">=" if allow_equal else ">"
+            raise ConfigError(path, f"must be {op} {low:g}, got {value:g}")
+        return float(value)
+
+    return parse
+
+
+def _integer(low: int = 0) -> Callable[[object, str], int]:
+    def parse(value: object, path: str) -> int:
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, f"expected an integer, got {_type_name(value)}")
+        if value < low:
+            raise ConfigError(path, f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[object, str], str]:
+    def parse(value: object, path: str) -> str:
+        text = _string(value, path)
+        if text not in options:
+            hint = difflib.get_close_matches(text, options, n=1)
+            extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ConfigError(path, f"must be one of {', '.join(options)}; got '{text}'{extra}")
+        return text
+
+    return parse
+
+
+def _list(value: object, path: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise ConfigError(path, f"expected a list, got {_type_name(value)}")
+    return value
+
+
+def _strings(value: object, path: str) -> tuple[str, ...]:
+    return tuple(_string(v, f"{path}[{i}]") for i, v in enumerate(_list(value, path)))
+
+
+def _http_url(value: object, path: str) -> str:
+    text = _string(value, path).rstrip("/")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(path, f"expected an http(s) URL, got '{text}'")
+    return text
+
+
+# -- sections ------------------------------------------------------------------------
+
+
+def _timeouts(raw: object, path: str) -> Timeouts:
+    s = _Section(raw, path, ("connect", "first_byte", "idle", "total"))
+    positive = _number(0, allow_equal=False)
+    d = Timeouts()
+    return Timeouts(
+        connect=s.get("connect", positive, d.connect),
+        first_byte=s.get("first_byte", positive, d.first_byte),
+        idle=s.get("idle", positive, d.idle),
+        total=s.get("total", positive, d.total),
+    )
+
+
+def _upstream(name: str, raw: object, path: str) -> Upstream:
+    s = _Section(raw, path, ("base_url", "api_key", "headers", "max_connections", "timeouts"))
+    headers_raw = s.get("headers", lambda v, p: _Section(v, p, tuple(map(str, v or ()))), None)
+    headers: dict[str, str] = {}
+    if headers_raw is not None:
+        for key, value in headers_raw.raw.items():
+            lowered = key.lower()
+            if lowered in ("authorization", "host", "content-length", "transfer-encoding"):
+                raise ConfigError(headers_raw.path_of(key), "this header is set by the proxy")
+            headers[key] = _string(value, headers_raw.path_of(key))
+    api_key = s.get("api_key", _string, None) or None
+    return Upstream(
+        name=name,
+        base_url=s.require("base_url", _http_url),
+        api_key=api_key,
+        headers=headers,
+        max_connections=s.get("max_connections", _integer(1), 64),
+        timeouts=s.get("timeouts", _timeouts, Timeouts()),
+    )
+
+
+def _target(raw: object, path: str, public: str, upstreams: Mapping[str, Upstream]) -> Target:
+    s = _Section(raw, path, ("upstream", "model", "weight"))
+    upstream = s.require("upstream", _string)
+    if upstream not in upstreams:
+        hint = difflib.get_close_matches(upstream, list(upstreams), n=1)
+        extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise ConfigError(s.path_of("upstream"), f"no upstream named '{upstream}'{extra}")
+    return Target(
+        upstream=upstream,
+        model=s.get("model", _string, public),
+        weight=s.get("weight", _integer(0), 1),
+    )
+
+
+def _model(name: str, raw: object, path: str, upstreams: Mapping[str, Upstream]) -> Model:
+    s = _Section(raw, path, ("strategy", "targets"))
+    targets_raw = s.require("targets", _list)
+    if not targets_raw:
+        raise ConfigError(s.path_of("targets"), "needs at least one target")
+    targets = tuple(
+        _target(t, f"{s.path_of('targets')}[{i}]", name, upstreams)
+        for i, t in enumerate(targets_raw)
+    )
+    return Model(
+        name=name,
+        targets=targets,
+        strategy=s.get("strategy", _choice(STRATEGIES), "round_robin"),
+    )
+
+
+def _retry_on(value: object, path: str) -> frozenset[str | int]:
+    found: set[str | int] = set()
+    for i, item in enumerate(_list(value, path)):
+        item_path = f"{path}[{i}]"
+        if isinstance(item, str) and item in RETRY_REASONS:
+            found.add(item)
+        elif isinstance(item, int | str) and str(item).isdigit() and 400 <= int(item) <= 599:
+            found.add(int(item))
+        else:
+            raise ConfigError(
+                item_path, f"expected connect, timeout or an HTTP status 400-599, got '{item}'"
+            )
+    return frozenset(found)
+
+
+def _cooldown(raw: object, path: str) -> Cooldown:
+    s = _Section(raw, path, ("failures", "seconds", "max_seconds"))
+    d = Cooldown()
+    cooldown = Cooldown(
+        failures=s.get("failures", _integer(1), d.failures),
+        seconds=s.get("seconds", _number(0), d.seconds),
+        max_seconds=s.get("max_seconds", _number(0), d.max_seconds),
+    )
+    if cooldown.max_seconds < cooldown.seconds:
+        raise ConfigError(s.path_of("max_seconds"), "must be >= seconds")
+    return cooldown
+
+
+def _routing(raw: object, path: str) -> Routing:
+    s = _Section(raw, path, ("retries", "retry_on", "cooldown"))
+    d = Routing()
+    return Routing(
+        retries=s.get("retries", _integer(0), d.retries),
+        retry_on=s.get("retry_on", _retry_on, d.retry_on),
+        cooldown=s.get("cooldown", _cooldown, d.cooldown),
+    )
+
+
+def _server(raw: object, path: str) -> Server:
+    s = _Section(raw, path, ("max_body_bytes", "drain_seconds", "trusted_proxies"))
+    d = Server()
+    return Server(
+        max_body_bytes=s.get("max_body_bytes", _integer(1), d.max_body_bytes),
+        drain_seconds=s.get("drain_seconds", _number(0), d.drain_seconds),
+        trusted_proxies=s.get("trusted_proxies", _strings, d.trusted_proxies),
+    )
+
+
+def _redis(raw: object, path: str) -> Redis:
+    s = _Section(raw, path, ("url", "timeout"))
+    url = s.get("url", _string, Redis().url)
+    if urlsplit(url).scheme not in ("redis", "unix"):
+        raise ConfigError(s.path_of("url"), f"expected a redis:// URL, got '{url}'")
+    return Redis(url=url, timeout=s.get("timeout", _number(0, allow_equal=False), 0.25))
+
+
+def _cache(raw: object, path: str) -> Cache:
+    s = _Section(raw, path, ("backend", "ttl", "namespace", "max_bytes", "scope"))
+    d = Cache()
+    return Cache(
+        backend=s.get("backend", _choice(CACHE_BACKENDS), d.backend),
+        ttl=s.get("ttl", _number(0, allow_equal=False), d.ttl),
+        namespace=s.get("namespace", _string, d.namespace),
+        max_bytes=s.get("max_bytes", _integer(1), d.max_bytes),
+        scope=s.get("scope", _choice(CACHE_SCOPES), d.scope),
+    )
+
+
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+def _api_key(raw: object, path: str, models: Mapping[str, Model]) -> ApiKey:
+    s = _Section(raw, path, ("name", "key", "key_sha256", "models", "rpm", "tpm"))
+    name = s.require("name", _string)
+    key = s.get("key", _string, None) or None
+    digest = s.get("key_sha256", _string, None) or None
+    if (key is None) == (digest is None):
+        raise ConfigError(path, "exactly one of key or key_sha256 is required")
+    if digest is not None and not _HEX64.match(digest):
+        raise ConfigError(s.path_of("key_sha256"), "expected 64 hex digits")
+    allowed = None
+    if s.has("models"):
+        allowed = s.require("models", _strings)
+        for i, model in enumerate(allowed):
+            if model not in models:
+                raise ConfigError(f"{s.path_of('models')}[{i}]", f"no model named '{model}'")
+    return ApiKey(
+        name=name,
+        key=key,
+        key_sha256=digest.lower() if digest else None,
+        models=frozenset(allowed) if allowed is not None else None,
+        rpm=s.get("rpm", _integer(1), None),
+        tpm=s.get("tpm", _integer(1), None),
+    )
+
+
+def _auth(raw: object, path: str, models: Mapping[str, Model]) -> Auth:
+    s = _Section(raw, path, ("keys", "admin_keys"))
+    keys_path = s.path_of("keys")
+    keys = tuple(
+        _api_key(k, f"{keys_path}[{i}]", models) for i, k in enumerate(s.get("keys", _list, []))
+    )
+    seen: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        if k.name in seen:
+            raise ConfigError(f"{keys_path}[{i}].name", f"duplicate key name '{k.name}'")
+        seen[k.name] = i
+    admin = tuple(a for a in s.get("admin_keys", _strings, ()) if a)
+    return Auth(keys=keys, admin_keys=admin)
+
+
+def _listen(value: object, path: str) -> tuple[str, ...]:
+    if isinstance(value, list):
+        found = _strings(value, path)
+    else:
+        found = (_string(value, path),)
+    if not found:
+        raise ConfigError(path, "needs at least one endpoint")
+    return found
+
+
+def _named(raw: object, path: str) -> dict[str, Any]:
+    """A mapping of user-chosen names (upstreams, models) to their sections."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(path, f"expected a mapping, got {_type_name(raw)}")
+    return {str(k): v for k, v in raw.items()}
+
+
+_TOP = ("listen", "server", "upstreams", "models", "routing", "redis", "cache", "auth")
+
+
+def parse_config(
+    raw: object, environ: Mapping[str, str] | None = None, source: str = ""
+) -> Config:
+    """Validate a raw YAML tree (already loaded) into a :class:`Config`."""
+    env = os.environ if environ is None else environ
+    tree = _expand_tree(raw, "", env)
+    top = _Section(tree, "", _TOP)
+
+    upstreams = {
+        name: _upstream(name, value, _join("upstreams", name))
+        for name, value in _named(top.raw.get("upstreams"), "upstreams").items()
+    }
+    models = {
+        name: _model(name, value, _join("models", name), upstreams)
+        for name, value in _named(top.raw.get("models"), "models").items()
+    }
+
+    cache = top.get("cache", _cache, Cache())
+    redis = top.get("redis", _redis, None)
+    if cache.backend == "redis" and redis is None:
+        raise ConfigError("cache.backend", "redis needs a top-level redis section")
+
+    return Config(
+        listen=top.get("listen", _listen, Config().listen),
+        server=top.get("server", _server, Server()),
+        upstreams=upstreams,
+        models=models,
+        routing=top.get("routing", _routing, Routing()),
+        redis=redis,
+        cache=cache,
+        auth=top.get("auth", lambda v, p: _auth(v, p, models), Auth()),
+        source=source,
+    )
+
+
+def parse_yaml(text: str, source: str, environ: Mapping[str, str] | None = None) -> Config:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise ConfigError("", f"{source}: {problem}{where}") from None
+    return parse_config(raw, environ, source)
+
+
+def find_config(explicit: str | None, environ: Mapping[str, str] | None = None) -> str | None:
+    """
+    The config path to use: ``--config``, else ``$LLMPROXY_CONFIG``, else
+    ``./etc/llmproxy.yaml``; ``None`` means the default shipped in the package.
+    """
+    env = os.environ if environ is None else environ
+    if explicit:
+        return explicit
+    if env.get("LLMPROXY_CONFIG"):
+        return env["LLMPROXY_CONFIG"]
+    if Path("etc/llmproxy.yaml").is_file():
+        return "etc/llmproxy.yaml"
+    return None
+
+
+def load_config(explicit: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    path = find_config(explicit, environ)
+    if path is None:
+        text = resources.files("llmproxy").joinpath("default.yaml").read_text("utf-8")
+        return parse_yaml(text, "<built-in default>", environ)
+    try:
+        text = Path(path).read_text("utf-8")
+    except OSError as e:
+        raise ConfigError("", f"cannot read config {path}: {e.strerror}") from None
+    return parse_yaml(text, path, environ)

@@ -1,0 +1,119 @@
+"""
+OpenAI-shaped errors, in one place.
+
+Everything the proxy refuses or fails is raised as :class:`APIError` and rendered
+by one handler as ``{"error": {"message", "type", "param", "code"}}``, always JSON.
+Nothing else (no traceback, no upstream key) ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import attrs
+
+
+@attrs.frozen(auto_exc=True)
+class APIError(Exception):
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+    headers: Mapping[str, str] = attrs.field(factory=dict)
+
+    def payload(self) -> dict[str, object]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def body(self) -> bytes:
+        return json.dumps(self.payload()).encode("utf-8")
+
+    def sse_event(self) -> bytes:
+        """
+        The error as a final server-sent event, for a stream cut after its first
+        byte.  ``error`` is an object so the OpenAI SDK raises ``APIError`` on it;
+        ``type``/``code``/``message`` make it a Responses API ``error`` event too.
+        """
+        event = dict(self.payload())
+        event.update(type="error", code=self.code, message=self.message, param=self.param)
+        return b"event: error\ndata: " + json.dumps(event).encode("utf-8") + b"\n\n"
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def unauthorized(message: str) -> APIError:
+    return APIError(401, message, code="invalid_api_key")
+
+
+def forbidden(message: str, code: str = "model_not_allowed") -> APIError:
+    return APIError(403, message, type="permission_error", code=code)
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(
+        404,
+        f"The model '{model}' does not exist or you do not have access to it.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def route_not_found(path: str) -> APIError:
+    return APIError(404, f"Unknown route: {path}", code="not_found")
+
+
+def method_not_allowed(method: str, path: str, allowed: list[str]) -> APIError:
+    return APIError(
+        405,
+        f"Method {method} is not allowed on {path}",
+        code="method_not_allowed",
+        headers={"Allow": ", ".join(sorted(allowed))},
+    )
+
+
+def too_large(limit: int) -> APIError:
+    return APIError(
+        413, f"Request body is larger than {limit} bytes", code="request_too_large"
+    )
+
+
+def rate_limited(message: str, retry_after: float) -> APIError:
+    seconds = max(1, int(retry_after + 0.999))
+    return APIError(
+        429,
+        message,
+        type="rate_limit_error",
+        code="rate_limit_exceeded",
+        headers={"Retry-After": str(seconds)},
+    )
+
+
+def bad_gateway(message: str = "The upstream failed to answer") -> APIError:
+    return APIError(502, message, type="upstream_error", code="bad_gateway")
+
+
+def unavailable(message: str) -> APIError:
+    return APIError(503, message, type="upstream_error", code="no_upstream_available")
+
+
+def gateway_timeout(message: str = "The upstream timed out") -> APIError:
+    return APIError(504, message, type="upstream_error", code="upstream_timeout")
+
+
+def internal(request_id: str) -> APIError:
+    return APIError(
+        500,
+        f"Internal proxy error (request id {request_id})",
+        type="server_error",
+        code="internal_error",
+    )

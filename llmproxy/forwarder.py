@@ -1,0 +1,401 @@
+"""
+One upstream exchange: build the request, send it, wait for the headers, then
+read or relay the body, under the upstream's four timeouts.
+
+* ``connect``: the TCP (and TLS) connection, enforced by the Agent;
+* ``first_byte``: from sending until the response headers arrive;
+* ``idle``: the longest silence between two body chunks while we are reading
+  (a client that pauses us does not count against the upstream);
+* ``total``: the whole exchange, headers and body.
+
+A failure is raised as :class:`UpstreamFailure`, whose ``kind`` lets the router
+decide whether another target may be tried, and which maps onto the DESIGN.md
+status (502 / 504).  Streams are delivered chunk by chunk to a callback, with the
+upstream transport wrapped as a push producer so that a slow client pauses the
+upstream read (backpressure), and closed at once when the exchange is cancelled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import Any, Protocol
+
+import attrs
+from twisted.internet import error as ierror
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
+from twisted.internet.defer import TimeoutError as DeferTimeoutError
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol as TxProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    PotentialDataLoss,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.http_headers import Headers
+from zope.interface import implementer
+
+from llmproxy import errors
+from llmproxy.config import Target, Upstream
+
+# Headers a client may send that are passed upstream; everything else (cookies,
+# Host, hop-by-hop, the client's Authorization) stays here.
+REQUEST_HEADERS = ("accept", "openai-beta", "user-agent")
+# Upstream response headers a client gets; the rest (cookies, Content-Length and
+# Content-Encoding after treq decoded the body, hop-by-hop, organisation ids) stay.
+RESPONSE_HEADERS = ("content-type", "retry-after", "retry-after-ms", "openai-processing-ms")
+
+
+class UpstreamClient(Protocol):
+    """What the forwarder needs of treq's ``HTTPClient`` (``StubTreq`` fits too)."""
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Deferred[Any]: ...
+
+
+class NoCookies(CookieJar):
+    """A cookie jar that keeps nothing: a shared jar would leak between tenants."""
+
+    def __init__(self) -> None:
+        super().__init__(policy=DefaultCookiePolicy(allowed_domains=[]))
+
+
+@attrs.define
+class UpstreamFailure(Exception):
+    """
+    An attempt that failed.  ``kind`` is ``connect`` (refused, reset, never
+    answered), ``timeout`` (before or after the headers), ``http`` (an error
+    status; ``status`` and ``body`` are set) or ``cut`` (the body stopped early).
+    """
+
+    kind: str
+    message: str
+    status: int | None = None
+    body: bytes = b""
+    headers: Headers | None = None
+    retry_after: float | None = None
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message}"
+
+    def to_api_error(self) -> errors.APIError:
+        if self.kind == "timeout":
+            return errors.gateway_timeout(f"The upstream timed out ({self.message})")
+        return errors.bad_gateway(f"The upstream failed ({self.message})")
+
+
+class Redactor:
+    """Replaces configured secrets that an upstream echoes back."""
+
+    MASK = b"[REDACTED]"
+
+    def __init__(self, secrets: tuple[str, ...]) -> None:
+        self._secrets = tuple(sorted({s.encode() for s in secrets}, key=len, reverse=True))
+
+    def __call__(self, data: bytes) -> bytes:
+        for secret in self._secrets:
+            if secret in data:
+                data = data.replace(secret, self.MASK)
+        return data
+
+
+def parse_retry_after(headers: Headers) -> float | None:
+    for name, scale in ((b"retry-after-ms", 0.001), (b"retry-after", 1.0)):
+        value = headers.getRawHeaders(name)
+        if value:
+            try:
+                return max(0.0, float(value[0]) * scale)
+            except ValueError:
+                continue
+    return None
+
+
+@implementer(IPushProducer)
+class _BodyStream(TxProtocol):
+    """
+    Receives an upstream body.  Registered (as itself) as the producer of the
+    client's response, so pausing it pauses the upstream socket and suspends the
+    idle timer; stopping it closes the upstream connection.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        on_data: Callable[[bytes], None],
+        idle: float,
+        remaining: float,
+    ) -> None:
+        self.reactor = reactor
+        self.on_data = on_data
+        self.idle = idle
+        self.done: Deferred[None] = Deferred(self._cancel)
+        self.paused = False
+        self.failed: UpstreamFailure | None = None
+        self._idle_call: IDelayedCall | None = None
+        self._total_call = reactor.callLater(remaining, self._timeout, "total")
+
+    def connectionMade(self) -> None:
+        self._arm()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._arm()
+        self.on_data(data)
+
+    def connectionLost(self, reason: Failure = ResponseDone) -> None:  # type: ignore[assignment]
+        self._disarm()
+        if self._total_call.active():
+            self._total_call.cancel()
+        if self.done.called:
+            return
+        if self.failed is not None:
+            self.done.errback(self.failed)
+        elif reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(None)
+        else:
+            self.done.errback(UpstreamFailure("cut", "the upstream closed the stream early"))
+
+    def _arm(self) -> None:
+        if self.paused:
+            return
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.reset(self.idle)
+        else:
+            self._idle_call = self.reactor.callLater(self.idle, self._timeout, "idle")
+
+    def _disarm(self) -> None:
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+
+    def _timeout(self, which: str) -> None:
+        seconds = self.idle if which == "idle" else None
+        detail = f"{which} timeout of {seconds:g}s" if seconds else f"{which} timeout"
+        self.failed = UpstreamFailure("timeout", detail)
+        self.stopProducing()
+
+    def _cancel(self, d: Deferred[None]) -> None:
+        self.stopProducing()
+
+    # IPushProducer, on behalf of the upstream transport
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self._disarm()
+        if self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._arm()
+        if self.transport is not None:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        self._disarm()
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+        elif not self.done.called:
+            self.connectionLost(Failure(ResponseFailed([])))
+
+
+@attrs.define
+class Exchange:
+    """An upstream response whose headers have arrived; the body is still to come."""
+
+    forwarder: Forwarder
+    target: Target
+    upstream: Upstream
+    status: int
+    headers: Headers
+    response: Any
+    deadline: float
+    release: Callable[[], None]
+    body_stream: _BodyStream | None = None
+
+    def client_headers(self) -> dict[str, str]:
+        found = {}
+        for name in RESPONSE_HEADERS:
+            value = self.headers.getRawHeaders(name)
+            if value:
+                found[name] = value[0].decode("latin-1") if isinstance(value[0], bytes) else value[0]
+        return found
+
+    def _remaining(self) -> float:
+        return max(0.001, self.deadline - self.forwarder.reactor.seconds())
+
+    def relay(self, on_data: Callable[[bytes], None]) -> Deferred[None]:
+        """Deliver the body chunk by chunk; fires when it ends cleanly."""
+        timeouts = self.upstream.timeouts
+        self.body_stream = _BodyStream(
+            self.forwarder.reactor, on_data, timeouts.idle, self._remaining()
+        )
+        self.response.deliverBody(self.body_stream)
+        return self.body_stream.done.addBoth(self._released)
+
+    async def read(self) -> bytes:
+        """The whole body (for non-streamed answers), under the same timeouts."""
+        chunks: list[bytes] = []
+        await self.relay(chunks.append)
+        return self.forwarder.redact(b"".join(chunks))
+
+    def close(self) -> None:
+        """Abandon the exchange: close the upstream connection now."""
+        if self.body_stream is not None:
+            self.body_stream.stopProducing()
+        else:
+            self.response.deliverBody(_Discard())
+            self.release()
+
+    def _released(self, result: object) -> object:
+        self.release()
+        return result
+
+
+class _Discard(TxProtocol):
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()  # type: ignore[union-attr]
+
+
+class Forwarder:
+    """Sends requests to upstreams, one exchange at a time."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        upstreams: Mapping[str, Upstream],
+        clients: Mapping[str, UpstreamClient],
+        redactor: Redactor,
+    ) -> None:
+        self.reactor = reactor
+        self.upstreams = upstreams
+        self.clients = clients
+        self.redact = redactor
+        # Twisted's pool caps idle connections, not concurrent ones: this does.
+        self.slots = {
+            name: DeferredSemaphore(u.max_connections) for name, u in upstreams.items()
+        }
+
+    def build_headers(self, upstream: Upstream, client: Mapping[str, str], request_id: str,
+                      has_body: bool) -> dict[str, list[str]]:
+        headers: dict[str, list[str]] = {}
+        for name in REQUEST_HEADERS:
+            if name in client:
+                headers[name] = [client[name]]
+        headers["x-request-id"] = [request_id]
+        for name, value in upstream.headers.items():
+            headers[name] = [value]
+        if upstream.api_key:
+            headers["authorization"] = [f"Bearer {upstream.api_key}"]
+        if has_body:
+            headers["content-type"] = ["application/json"]
+        return headers
+
+    async def open(
+        self,
+        target: Target,
+        method: str,
+        path: str,
+        body: bytes | None,
+        client_headers: Mapping[str, str],
+        request_id: str,
+        query: bytes = b"",
+    ) -> Exchange:
+        """
+        Send the request and wait for the response headers.  Error statuses come
+        back as an :class:`UpstreamFailure` of kind ``http`` with the (redacted)
+        body read, so the caller can retry or pass it through.
+        """
+        upstream = self.upstreams[target.upstream]
+        url = upstream.base_url + path + (("?" + query.decode("ascii")) if query else "")
+        started = self.reactor.seconds()
+        deadline = started + upstream.timeouts.total
+        slot = self.slots[target.upstream]
+        acquiring = slot.acquire()
+        wait = min(upstream.timeouts.first_byte, upstream.timeouts.total)
+        try:
+            await acquiring.addTimeout(wait, self.reactor)
+        except DeferTimeoutError:
+            raise UpstreamFailure(
+                "timeout", f"no free connection to {upstream.name} within {wait:g}s"
+            ) from None
+        released = [False]
+
+        def release() -> None:
+            if not released[0]:
+                released[0] = True
+                slot.release()
+
+        try:
+            request = self.clients[target.upstream].request(
+                method,
+                url,
+                headers=self.build_headers(upstream, client_headers, request_id, body is not None),
+                data=body,
+                unbuffered=True,
+                allow_redirects=False,
+            )
+            remaining = max(0.001, deadline - self.reactor.seconds())
+            response = await request.addTimeout(
+                min(upstream.timeouts.first_byte, remaining), self.reactor
+            )
+        except CancelledError:
+            release()
+            raise
+        except DeferTimeoutError:
+            release()
+            raise UpstreamFailure(
+                "timeout", f"no response headers within {upstream.timeouts.first_byte:g}s"
+            ) from None
+        except ierror.TimeoutError:
+            release()
+            raise UpstreamFailure(
+                "timeout", f"connect timeout of {upstream.timeouts.connect:g}s"
+            ) from None
+        except (ierror.ConnectError, ierror.DNSLookupError, ResponseNeverReceived,
+                RequestTransmissionFailed, ResponseFailed, ierror.ConnectionLost) as e:
+            release()
+            raise UpstreamFailure("connect", _describe(e)) from None
+
+        exchange = Exchange(
+            forwarder=self,
+            target=target,
+            upstream=upstream,
+            status=response.code,
+            headers=response.headers,
+            response=response,
+            deadline=deadline,
+            release=release,
+        )
+        if 200 <= response.code < 300:
+            return exchange
+        if 300 <= response.code < 400:
+            exchange.close()
+            raise UpstreamFailure(
+                "connect", f"the upstream answered a redirect ({response.code}), not followed"
+            )
+        try:
+            data = await exchange.read()
+        except UpstreamFailure as e:
+            data = e.body
+        raise UpstreamFailure(
+            "http",
+            f"HTTP {response.code}",
+            status=response.code,
+            body=data,
+            headers=response.headers,
+            retry_after=parse_retry_after(response.headers),
+        )
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, ierror.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, ierror.DNSLookupError):
+        return "DNS lookup failed"
+    if isinstance(e, (ResponseNeverReceived, RequestTransmissionFailed, ResponseFailed)):
+        return "connection lost before the response"
+    return type(e).__name__

@@ -1,0 +1,441 @@
+"""
+The request pipeline: everything between a parsed client request and the bytes
+it gets back, independent of HTTP plumbing.
+
+    authenticate -> resolve model -> authorize -> limits -> cache lookup
+      -> plan attempts (router) -> forward (forwarder) -> relay or answer
+      -> account tokens, remember response ids, store in the cache
+
+Each step is a collaborator behind a small interface (``Authenticator``,
+``Limiter``, ``Router``, ``Forwarder``, ``ResponseCache``); this module only
+decides the order and the failure rules: failover only before the first byte,
+a visible error event after it, nothing stored that did not complete.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import attrs
+from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.logger import Logger
+
+from llmproxy import errors
+from llmproxy.auth import Authenticator, Principal, bearer_token
+from llmproxy.body import check_fields, parse_body, rewrite_body
+from llmproxy.cache import CacheControl, Entry, ResponseCache, cache_key, parse_controls
+from llmproxy.config import Model, Target
+from llmproxy.forwarder import Exchange, Forwarder, UpstreamFailure
+from llmproxy.limits import Limiter
+from llmproxy.metrics import Metrics
+from llmproxy.router import Plan, Router
+from llmproxy.sse import Event, SSEParser
+
+# POST endpoints whose answers may be cached.
+CACHEABLE = frozenset({"chat/completions", "completions", "embeddings", "responses"})
+# Stream events after which nothing more is due.
+TERMINAL_EVENTS = frozenset({"response.completed", "response.failed", "response.incomplete"})
+
+SSE_HEADERS = {
+    "content-type": "text/event-stream; charset=utf-8",
+    "cache-control": "no-cache",
+    "x-accel-buffering": "no",
+}
+
+
+@attrs.frozen
+class Call:
+    """One client request, parsed by the HTTP layer."""
+
+    endpoint: str  # "chat/completions", "responses", "responses/get", "models", ...
+    method: str
+    path: str  # upstream path after base_url, e.g. "/responses/resp_1/cancel"
+    headers: Mapping[str, str]  # lower-cased names, first values
+    request_id: str
+    body: bytes | None = None
+    payload: dict[str, Any] | None = None
+    model: str | None = None
+    query: bytes = b""
+    response_id: str | None = None
+
+    @property
+    def stream(self) -> bool:
+        return bool(self.payload and self.payload.get("stream") is True)
+
+
+class ClientSink(Protocol):
+    """Where an answer goes: the client's HTTP response."""
+
+    @property
+    def gone(self) -> bool: ...
+
+    def header(self, name: str, value: str) -> None: ...
+
+    def start(self, status: int, headers: Mapping[str, str]) -> None: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def register_producer(self, producer: IPushProducer) -> None: ...
+
+    def unregister_producer(self) -> None: ...
+
+
+@attrs.define
+class _Observer:
+    """Watches an answer go by: token usage, response ids, terminal event."""
+
+    endpoint: str
+    usage_tokens: int = 0
+    response_ids: list[str] = attrs.field(factory=list)
+    terminal: str | None = None
+
+    def json(self, payload: object) -> None:
+        if not isinstance(payload, dict):
+            return
+        usage = payload.get("usage")
+        if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int):
+            self.usage_tokens = usage["total_tokens"]
+        if payload.get("object") == "response" and isinstance(payload.get("id"), str):
+            self.response_ids.append(payload["id"])
+
+    def event(self, event: Event) -> None:
+        if event.is_done:
+            self.terminal = "[DONE]"
+            return
+        kind = event.event
+        if kind in ("response.created", "response.completed") or (
+            kind is None and '"usage":{' in event.data
+        ):
+            try:
+                data = json.loads(event.data)
+            except ValueError:
+                return
+            if isinstance(data, dict) and isinstance(data.get("response"), dict):
+                data = data["response"]
+            self.json(data)
+        if kind in TERMINAL_EVENTS:
+            self.terminal = kind
+
+    @property
+    def complete(self) -> bool:
+        """Ended with the terminal event of a finished answer (cacheable)."""
+        return self.terminal in ("[DONE]", "response.completed")
+
+
+def _worth_storing(endpoint: str, body: bytes) -> bool:
+    """Complete, non-empty answers only."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return False
+    if not isinstance(payload, dict) or payload.get("error"):
+        return False
+    if endpoint == "responses":
+        return payload.get("status") == "completed" and bool(payload.get("output"))
+    if endpoint == "embeddings":
+        return bool(payload.get("data"))
+    choices = payload.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict) or choice.get("finish_reason") in (None, "length"):
+            continue
+        message = choice.get("message") or {}
+        if choice.get("text") or message.get("content") or message.get("tool_calls"):
+            return True
+    return False
+
+
+class Pipeline:
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        auth: Authenticator,
+        limiter: Limiter,
+        router: Router,
+        forwarder: Forwarder,
+        cache: ResponseCache,
+        namespace: str,
+        metrics: Metrics,
+    ) -> None:
+        self.reactor = reactor
+        self.auth = auth
+        self.limiter = limiter
+        self.router = router
+        self.forwarder = forwarder
+        self.cache = cache
+        self.namespace = namespace
+        self.metrics = metrics
+
+    # -- entry points --------------------------------------------------------------
+
+    def authenticate(self, call: Call) -> Principal:
+        return self.auth.authenticate(bearer_token(call.headers))
+
+    async def handle(self, call: Call, sink: ClientSink) -> None:
+        """A model call: chat/completions, completions, embeddings, responses."""
+        principal = self.authenticate(call)
+        payload = parse_body(call.body or b"")
+        call = attrs.evolve(call, payload=payload, model=check_fields(payload))
+        assert call.payload is not None and call.model is not None
+        model = self.router.model(call.model)
+        if model is None:
+            raise errors.model_not_found(call.model)
+        self.auth.authorize(principal, model.name)
+        self.limiter.check(principal)
+        controls = parse_controls(call.headers.get("cache-control"), call.payload.get("cache"))
+
+        pinned = None
+        previous = call.payload.get("previous_response_id")
+        if call.endpoint == "responses" and isinstance(previous, str):
+            pinned = self._pinned(model, previous)
+
+        key = None
+        if not self.cache.enabled:
+            sink.header("x-llmproxy-cache", "off")
+        elif call.endpoint not in CACHEABLE or not (controls.lookup or controls.store):
+            sink.header("x-llmproxy-cache", "bypass")
+            self.cache.counters["bypass"] += 1
+        else:
+            scope = principal.name if self.cache.scope == "key" else None
+            key = cache_key(self.namespace, call.endpoint, model.name, call.payload, scope)
+            if controls.lookup:
+                entry = await self.cache.lookup(key)
+                if entry is not None:
+                    sink.header("x-llmproxy-cache", "hit")
+                    self._replay(entry, sink)
+                    return
+                sink.header("x-llmproxy-cache", "miss")
+            else:
+                sink.header("x-llmproxy-cache", "bypass")
+                self.cache.counters["bypass"] += 1
+
+        observer = _Observer(call.endpoint)
+        stored = await self._forward(call, model, self.router.plan(model, pinned), sink, observer)
+        self.limiter.charge_tokens(principal, observer.usage_tokens)
+        self.metrics.tokens(model.name, principal.name, observer.usage_tokens)
+        if key is not None and stored is not None and controls.store and not sink.gone:
+            await self.cache.store(key, stored, controls.ttl)
+        elif key is not None and controls.store:
+            self.cache.skip("incomplete" if stored is None else "client_gone")
+
+    async def handle_response_object(self, call: Call, sink: ClientSink) -> None:
+        """GET/DELETE /responses/{id}, /cancel, /input_items: to the target that made it."""
+        self.authenticate(call)
+        assert call.response_id is not None
+        target = self.router.recall(call.response_id)
+        if target is None:
+            upstreams = list(self.forwarder.upstreams)
+            if len(upstreams) != 1:
+                raise errors.APIError(
+                    404,
+                    f"No response with id '{call.response_id}' is known to this proxy.",
+                    param="response_id",
+                    code="response_not_found",
+                )
+            target = Target(upstream=upstreams[0], model="")
+        elif not self.router.usable(target):
+            raise errors.unavailable(
+                f"The backend that created response '{call.response_id}' is unavailable."
+            )
+        sink.header("x-llmproxy-cache", "bypass" if self.cache.enabled else "off")
+        model = Model(name=target.model, targets=(target,))
+        plan = self.router.plan(model, pinned=target)
+        await self._forward(call, model, plan, sink, _Observer(call.endpoint))
+
+    def _pinned(self, model: Model, previous: str) -> Target | None:
+        remembered = self.router.recall(previous)
+        if remembered is None:
+            return None  # unknown here (expired, or made before a restart): route normally
+        for target in model.targets:
+            if target.upstream == remembered.upstream:
+                if not self.router.usable(target):
+                    raise errors.unavailable(
+                        f"The backend that created response '{previous}' is unavailable."
+                    )
+                return target
+        raise errors.bad_request(
+            f"Response '{previous}' was made by a backend that does not serve "
+            f"the model '{model.name}'.",
+            param="previous_response_id",
+        )
+
+    # -- forwarding ----------------------------------------------------------------
+
+    async def _forward(
+        self, call: Call, model: Model, plan: Plan, sink: ClientSink, observer: _Observer
+    ) -> Entry | None:
+        """Try targets until one answers; relay it.  Returns the entry to cache, if any."""
+        last: UpstreamFailure | None = None
+        while (target := plan.next()) is not None:
+            body = rewrite_body(call.body, target.model or None) if call.body else None
+            started = self.reactor.seconds()
+            plan.started(target)
+            try:
+                exchange = await self.forwarder.open(
+                    target, call.method, call.path, body, call.headers, call.request_id,
+                    call.query,
+                )
+                ttfb = self.reactor.seconds() - started
+                streaming = _is_event_stream(exchange)
+                if not streaming:
+                    data = await exchange.read()
+            except CancelledError:
+                plan.finished(target)
+                raise
+            except UpstreamFailure as failure:
+                plan.finished(target)
+                plan.failed(target, failure)
+                self.metrics.attempt(target.upstream, failure.kind, failure.status)
+                self.log.warn(
+                    "request {request_id}: {upstream} failed: {failure}",
+                    request_id=call.request_id,
+                    upstream=target.upstream,
+                    failure=str(failure),
+                )
+                last = failure
+                if plan.retryable(failure):
+                    continue
+                break
+            plan.succeeded(target, ttfb)
+            self.metrics.attempt(target.upstream, "ok", exchange.status, ttfb)
+            try:
+                if streaming:
+                    return await self._relay(call, exchange, sink, observer)
+                return self._answer(call, exchange, data, sink, observer)
+            finally:
+                plan.finished(target)
+
+        if last is None:
+            raise errors.unavailable(f"No usable upstream for the model '{model.name}'.")
+        if last.kind == "http" and last.status is not None:
+            self._pass_error(last, sink, plan)
+            return None
+        raise last.to_api_error()
+
+    def _pass_error(self, failure: UpstreamFailure, sink: ClientSink, plan: Plan) -> None:
+        """An upstream HTTP error goes to the client as it came (redacted)."""
+        headers = {"content-type": "application/json"}
+        if failure.headers is not None:
+            for name in ("content-type", "retry-after", "retry-after-ms"):
+                value = failure.headers.getRawHeaders(name)
+                if value:
+                    headers[name] = value[0]
+        if plan.tried:
+            headers["x-llmproxy-upstream"] = plan.tried[-1].upstream
+        assert failure.status is not None
+        sink.start(failure.status, headers)
+        sink.write(failure.body)
+
+    def _answer(
+        self, call: Call, exchange: Exchange, data: bytes, sink: ClientSink, observer: _Observer
+    ) -> Entry | None:
+        headers = exchange.client_headers()
+        headers["x-llmproxy-upstream"] = exchange.target.upstream
+        try:
+            observer.json(json.loads(data))
+        except ValueError:
+            pass
+        self._remember(observer, exchange.target)
+        sink.start(exchange.status, headers)
+        sink.write(data)
+        if exchange.status == 200 and _worth_storing(call.endpoint, data):
+            return Entry(
+                status=200,
+                content_type=headers.get("content-type", "application/json"),
+                body=data,
+                stream=False,
+                upstream=exchange.target.upstream,
+            )
+        return None
+
+    async def _relay(
+        self, call: Call, exchange: Exchange, sink: ClientSink, observer: _Observer
+    ) -> Entry | None:
+        """Relay an event stream as it arrives, event by event, with backpressure."""
+        parser = SSEParser()
+        recorded: list[bytes] = []
+        redact = self.forwarder.redact
+        target = exchange.target
+
+        def on_data(data: bytes) -> None:
+            for event in parser.feed(data):
+                raw = redact(event.raw)
+                observer.event(event)
+                if observer.response_ids:
+                    self._remember(observer, target)
+                recorded.append(raw)
+                sink.write(raw)
+
+        headers = dict(SSE_HEADERS, **{"x-llmproxy-upstream": target.upstream})
+        sink.start(exchange.status, headers)
+        done = exchange.relay(on_data)
+        assert exchange.body_stream is not None
+        sink.register_producer(exchange.body_stream)
+        clean = False
+        try:
+            await done
+            clean = True
+        except CancelledError:
+            exchange.close()
+            raise
+        except UpstreamFailure as failure:
+            self.metrics.attempt(target.upstream, "cut_" + failure.kind, None)
+            self.log.warn(
+                "request {request_id}: stream from {upstream} ended early: {failure}",
+                request_id=call.request_id,
+                upstream=target.upstream,
+                failure=str(failure),
+            )
+            if not sink.gone:
+                sink.write(failure.to_api_error().sse_event())
+        finally:
+            if not sink.gone:
+                sink.unregister_producer()
+        if not clean:
+            return None
+        tail = parser.pending()
+        if tail:
+            sink.write(redact(tail))
+        if observer.terminal is None:
+            # A clean close without the terminal event is a cut all the same.
+            sink.write(
+                errors.bad_gateway("The upstream ended the stream before it finished").sse_event()
+            )
+            return None
+        if not observer.complete or sink.gone:
+            return None
+        return Entry(
+            status=200,
+            content_type=headers["content-type"],
+            body=b"".join(recorded),
+            stream=True,
+            upstream=target.upstream,
+        )
+
+    def _remember(self, observer: _Observer, target: Target) -> None:
+        while observer.response_ids:
+            self.router.remember(observer.response_ids.pop(), target)
+
+    def _replay(self, entry: Entry, sink: ClientSink) -> None:
+        headers = {"content-type": entry.content_type, "x-llmproxy-upstream": entry.upstream}
+        if entry.stream:
+            headers.update(SSE_HEADERS)
+            sink.start(entry.status, headers)
+            for event in SSEParser().feed(entry.body):
+                sink.write(event.raw)
+        else:
+            sink.start(entry.status, headers)
+            sink.write(entry.body)
+
+
+def _is_event_stream(exchange: Exchange) -> bool:
+    value = exchange.headers.getRawHeaders("content-type") or [""]
+    text = value[0].decode() if isinstance(value[0], bytes) else value[0]
+    return text.split(";")[0].strip().lower() == "text/event-stream"
+

@@ -1,0 +1,157 @@
+"""
+Assembly and lifecycle: the services ``makeService`` puts in its MultiService.
+
+* ``upstreams`` owns the HTTP connection pools (closed on stop);
+* ``cache`` owns the cache backend's connections, when it has any;
+* ``http`` listens on the configured endpoints and, on stop, stops listening
+  and lets in-flight requests finish for up to ``server.drain_seconds``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, DeferredList, TimeoutError as DeferTimeoutError
+from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool
+from treq.client import HTTPClient
+
+from llmproxy.app import Gateway
+from llmproxy.auth import Authenticator
+from llmproxy.cache import MemoryBackend, ResponseCache
+from llmproxy.cache.store import CacheBackend
+from llmproxy.config import Config
+from llmproxy.forwarder import Forwarder, NoCookies, Redactor, UpstreamClient
+from llmproxy.limits import MemoryLimiter
+from llmproxy.metrics import Metrics
+from llmproxy.pipeline import Pipeline
+from llmproxy.router import Router
+from llmproxy.site import GatewaySite
+
+
+class UpstreamsService(Service):
+    """One connection pool and treq client per upstream."""
+
+    def __init__(self, reactor: Any, config: Config) -> None:
+        self.pools: dict[str, HTTPConnectionPool] = {}
+        self.clients: dict[str, UpstreamClient] = {}
+        for name, upstream in config.upstreams.items():
+            pool = HTTPConnectionPool(reactor, persistent=True)
+            pool.maxPersistentPerHost = upstream.max_connections
+            pool.retryAutomatically = False  # a retry is the router's decision
+            agent = Agent(reactor, connectTimeout=upstream.timeouts.connect, pool=pool)
+            self.pools[name] = pool
+            self.clients[name] = HTTPClient(agent, cookiejar=NoCookies())
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        return DeferredList([p.closeCachedConnections() for p in self.pools.values()])
+
+
+class HTTPService(Service):
+    log = Logger()
+
+    def __init__(
+        self, reactor: IReactorTime, listen: tuple[str, ...], site: GatewaySite,
+        gateway: Gateway, drain_seconds: float,
+    ) -> None:
+        self.reactor = reactor
+        self.listen = listen
+        self.site = site
+        self.gateway = gateway
+        self.drain_seconds = drain_seconds
+        self.ports: list[IListeningPort] = []
+
+    async def _start(self) -> None:
+        for description in self.listen:
+            endpoint = endpoints.serverFromString(self.reactor, description)
+            port = await endpoint.listen(self.site)
+            self.ports.append(port)
+            address = port.getHost()
+            self.log.info(
+                "llmproxy listening on {host}:{port}",
+                host=getattr(address, "host", "?"),
+                port=getattr(address, "port", "?"),
+            )
+
+    def startService(self) -> None:
+        super().startService()
+        Deferred.fromCoroutine(self._start()).addErrback(self._failed)
+
+    def _failed(self, failure: Any) -> None:
+        self.log.failure("cannot listen", failure)
+        from twisted.internet import reactor
+
+        reactor.stop()  # type: ignore[attr-defined]
+
+    async def _stop(self) -> None:
+        await DeferredList([p.stopListening() for p in self.ports])
+        self.ports = []
+        if self.gateway.inflight:
+            self.log.info(
+                "draining {count} in-flight requests (up to {seconds}s)",
+                count=self.gateway.inflight,
+                seconds=self.drain_seconds,
+            )
+            try:
+                await self.gateway.idle().addTimeout(self.drain_seconds, self.reactor)
+            except DeferTimeoutError:
+                self.log.warn("drain timed out with {count} requests in flight",
+                              count=self.gateway.inflight)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+
+def cache_backend(config: Config, reactor: IReactorTime) -> CacheBackend | None:
+    if config.cache.backend == "memory":
+        return MemoryBackend(reactor, config.cache.max_bytes)
+    if config.cache.backend == "redis":
+        raise NotImplementedError("the redis cache backend")
+    return None
+
+
+def build_gateway(
+    config: Config, reactor: IReactorTime, clients: dict[str, UpstreamClient]
+) -> Gateway:
+    """Wire the collaborators (also used by in-memory tests with StubTreq clients)."""
+    metrics = Metrics()
+    router = Router(config, reactor)
+    auth = Authenticator(config.auth)
+    forwarder = Forwarder(reactor, config.upstreams, clients, Redactor(config.secrets()))
+    cache = ResponseCache(cache_backend(config, reactor), config.cache.ttl, config.cache.scope)
+    metrics.add_gauges(
+        "llmproxy_cache_events", "Cache lookups and stores by outcome",
+        lambda: dict(cache.counters),
+    )
+    pipeline = Pipeline(
+        reactor, auth, MemoryLimiter(reactor), router, forwarder, cache,
+        config.cache.namespace, metrics,
+    )
+    return Gateway(config, pipeline, router, auth, cache, metrics)
+
+
+def build_site(config: Config, gateway: Gateway) -> GatewaySite:
+    return GatewaySite(
+        gateway.app.resource(),
+        max_body_bytes=config.server.max_body_bytes,
+        trusted_proxies=config.server.trusted_proxies,
+    )
+
+
+def build_service(config: Config, reactor: Any, listen: tuple[str, ...]) -> MultiService:
+    top = MultiService()
+    upstreams = UpstreamsService(reactor, config)
+    upstreams.setName("upstreams")
+    upstreams.setServiceParent(top)
+    gateway = build_gateway(config, reactor, upstreams.clients)
+    http = HTTPService(
+        reactor, listen, build_site(config, gateway), gateway, config.server.drain_seconds
+    )
+    http.setName("http")
+    http.setServiceParent(top)
+    return top

@@ -1,0 +1,676 @@
+"""
+A mock OpenAI-compatible upstream, on Klein, with real wire framing.
+
+Tests use it as the backend behind llmproxy (in memory through StubTreq, or as a
+real ``twistd -n llmproxy-mock`` process), and users run it to try the proxy
+without an API key.  It answers chat completions (streamed: role chunk, content
+deltas, finish chunk, usage chunk when ``stream_options.include_usage``,
+``[DONE]``), legacy completions, embeddings (float and base64), the Responses
+API (typed ``event:`` stream, retrieval, delete, cancel, input items) and models.
+
+Fault knobs, for tests, come from ``POST /_mock/config`` (every later request) or
+from a ``mock`` object in the request body (that request only)::
+
+    status, body, headers   answer with this status / JSON body / extra headers
+    delay                   seconds before the response headers
+    hang                    never answer (until the client goes away)
+    stall_after_headers     send the headers (and ``stall_after`` events), then nothing
+    cut_after               close the connection after this many stream events
+    interval                seconds between stream events
+    words                   how many content deltas (default: the reply's words)
+    infinite, chunk_bytes   stream filler events forever, as a push producer
+    echo_auth               put the received Authorization header in an error body
+    gzip                    gzip the response body
+    redirect                answer 302 to this location
+    set_cookie              add a Set-Cookie header
+    text                    the reply text
+
+What it saw is at ``GET /_mock/requests``; counters (requests, streams,
+disconnects, pauses, bytes) at ``GET /_mock/stats``; ``POST /_mock/reset``
+clears both and the config.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import itertools
+import json
+import struct
+import time
+from typing import Any
+
+from klein import Klein
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from zope.interface import implementer
+
+JSONDict = dict[str, Any]
+
+_ids = itertools.count(1)
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{next(_ids):06d}{hashlib.sha1(str(time.time()).encode()).hexdigest()[:12]}"
+
+
+def _tokens(text: str) -> int:
+    return max(1, len(text.split()))
+
+
+def _last_user_text(body: JSONDict) -> str:
+    """The text the mock echoes: last user message, prompt, or Responses input."""
+    if "messages" in body:
+        for message in reversed(body.get("messages") or []):
+            if isinstance(message, dict) and message.get("role") == "user":
+                content = message.get("content")
+                if isinstance(content, list):
+                    return " ".join(
+                        p.get("text", "") for p in content if isinstance(p, dict)
+                    )
+                return str(content)
+        return ""
+    if "prompt" in body:
+        prompt = body["prompt"]
+        return " ".join(map(str, prompt)) if isinstance(prompt, list) else str(prompt)
+    value = body.get("input", "")
+    if isinstance(value, list):
+        texts = []
+        for item in value:
+            if isinstance(item, dict):
+                content = item.get("content")
+                if isinstance(content, list):
+                    texts += [str(p.get("text", "")) for p in content if isinstance(p, dict)]
+                elif content is not None:
+                    texts.append(str(content))
+            else:
+                texts.append(str(item))
+        return " ".join(texts)
+    return str(value)
+
+
+def _sse(data: JSONDict | str, event: str | None = None) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {payload}\n\n".encode()
+
+
+@implementer(IPushProducer)
+class _EventStream:
+    """
+    Writes a list of events (or filler forever) to a request, one per tick.
+    As a registered push producer it stops when the client's socket backs up,
+    which is how tests see that backpressure reached the upstream.
+    """
+
+    def __init__(
+        self,
+        mock: MockUpstream,
+        request: IRequest,
+        events: list[bytes],
+        knobs: JSONDict,
+    ) -> None:
+        self.mock = mock
+        self.request = request
+        self.events = events
+        self.interval = float(knobs.get("interval", 0))
+        self.cut_after = knobs.get("cut_after")
+        self.stall_after = knobs.get("stall_after") if knobs.get("stall_after_headers") else None
+        self.infinite = bool(knobs.get("infinite"))
+        self.filler = _sse({"filler": "x" * int(knobs.get("chunk_bytes", 16384))})
+        self.sent = 0
+        self.paused = False
+        self.stopped = False
+        self.call: IDelayedCall | None = None
+        self.done: Deferred[None] = Deferred()
+
+    def start(self) -> Deferred[None]:
+        self.request.registerProducer(self, True)
+        self.request.notifyFinish().addErrback(self._clientGone)
+        self._schedule(0)
+        return self.done
+
+    def _schedule(self, delay: float) -> None:
+        if not (self.paused or self.stopped) and (self.call is None or not self.call.active()):
+            self.call = self.mock.reactor.callLater(delay, self._tick)
+
+    def _tick(self) -> None:
+        self.call = None
+        if self.stopped or self.paused:
+            return
+        if self.cut_after is not None and self.sent >= int(self.cut_after):
+            self.mock.stats["cuts"] += 1
+            self._stop()
+            self.request.channel.transport.abortConnection()  # type: ignore[attr-defined]
+            return
+        if self.stall_after is not None and self.sent >= int(self.stall_after):
+            return  # stalled: nothing more is ever written
+        if self.sent < len(self.events):
+            chunk = self.events[self.sent]
+        elif self.infinite:
+            chunk = self.filler
+        else:
+            self._stop()
+            self.request.unregisterProducer()
+            self.done.callback(None)
+            return
+        self.sent += 1
+        self.mock.stats["bytes_streamed"] += len(chunk)
+        self.request.write(chunk)
+        self._schedule(self.interval)
+
+    def _stop(self) -> None:
+        self.stopped = True
+        self.mock.stats["active_streams"] -= 1
+        if self.call is not None and self.call.active():
+            self.call.cancel()
+
+    def _clientGone(self, reason: Failure) -> None:
+        if not self.stopped:
+            self.mock.stats["disconnects"] += 1
+            self._stop()
+
+    # IPushProducer
+    def pauseProducing(self) -> None:
+        if not self.paused:
+            self.mock.stats["pauses"] += 1
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._schedule(self.interval)
+
+    def stopProducing(self) -> None:
+        self._stop()
+
+
+class MockUpstream:
+    """The mock server.  ``name`` shows in replies so tests see who answered."""
+
+    app = Klein()
+
+    def __init__(self, reactor: IReactorTime, name: str = "mock", api_key: str | None = None):
+        self.reactor = reactor
+        self.name = name
+        self.api_key = api_key
+        self.config: JSONDict = {}
+        self.received: list[JSONDict] = []
+        self.responses: dict[str, JSONDict] = {}
+        self.stats: dict[str, int] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self.config = {}
+        self.received = []
+        self.stats = dict.fromkeys(
+            ("requests", "streams", "active_streams", "disconnects", "pauses", "cuts"),
+            0,
+        )
+        self.stats["bytes_streamed"] = 0
+
+    # -- plumbing ------------------------------------------------------------------
+
+    def _record(self, request: IRequest) -> tuple[JSONDict, JSONDict]:
+        """Log the request; return its JSON body and the knobs for it."""
+        raw = request.content.read() if request.content is not None else b""
+        try:
+            body = json.loads(raw) if raw else {}
+        except ValueError:
+            body = {}
+        if not isinstance(body, dict):
+            body = {}
+        headers = {
+            k.decode("latin-1").lower(): v[-1].decode("latin-1")
+            for k, v in request.requestHeaders.getAllRawHeaders()
+        }
+        self.received.append(
+            {
+                "method": request.method.decode(),
+                "path": request.path.decode(),
+                "headers": headers,
+                "body": raw.decode("utf-8", "replace"),
+            }
+        )
+        self.stats["requests"] += 1
+        knobs = dict(self.config)
+        if isinstance(body.get("mock"), dict):
+            knobs.update(body["mock"])
+        return body, knobs
+
+    def _delay(self, knobs: JSONDict) -> Deferred[None]:
+        if knobs.get("hang"):
+            return Deferred()  # cancelled by Klein when the client goes away
+        seconds = float(knobs.get("delay", 0))
+        if seconds <= 0:
+            return succeed(None)
+        d: Deferred[None] = Deferred(lambda d: call.cancel())
+        call = self.reactor.callLater(seconds, d.callback, None)
+        return d
+
+    def _authorized(self, request: IRequest) -> bool:
+        if self.api_key is None:
+            return True
+        got = request.getHeader("authorization") or ""
+        return got == f"Bearer {self.api_key}"
+
+    def _json(self, request: IRequest, status: int, payload: object, knobs: JSONDict) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader("content-type", "application/json")
+        request.setHeader("x-mock-upstream", self.name)
+        for key, value in (knobs.get("headers") or {}).items():
+            request.setHeader(key, str(value))
+        if knobs.get("set_cookie"):
+            request.setHeader("set-cookie", str(knobs["set_cookie"]))
+        data = json.dumps(payload).encode()
+        if knobs.get("gzip"):
+            request.setHeader("content-encoding", "gzip")
+            data = gzip.compress(data)
+        if knobs.get("stall_after_headers"):
+            request.setHeader("content-length", str(len(data)))
+            request.write(data[: len(data) // 2])
+            return self._stall(request)
+        return data
+
+    def _stall(self, request: IRequest) -> Any:
+        return Deferred()
+
+    def _fault(self, request: IRequest, knobs: JSONDict) -> bytes | None:
+        """The configured failure for this request, if any."""
+        if knobs.get("redirect"):
+            request.setResponseCode(302)
+            request.setHeader("location", str(knobs["redirect"]))
+            return b""
+        if not self._authorized(request):
+            return self._json(
+                request,
+                401,
+                {"error": {"message": "Incorrect API key provided", "type":
+                           "invalid_request_error", "param": None, "code": "invalid_api_key"}},
+                {},
+            )
+        if knobs.get("echo_auth"):
+            got = request.getHeader("authorization") or ""
+            return self._json(
+                request,
+                int(knobs.get("status", 400)),
+                {"error": {"message": f"bad key: {got}", "type": "invalid_request_error",
+                           "param": None, "code": "invalid_api_key"}},
+                knobs,
+            )
+        if knobs.get("status") and int(knobs["status"]) != 200:
+            body = knobs.get("body") or {
+                "error": {
+                    "message": f"mock {self.name} failed with {knobs['status']}",
+                    "type": "server_error",
+                    "param": None,
+                    "code": None,
+                }
+            }
+            return self._json(request, int(knobs["status"]), body, knobs)
+        return None
+
+    def _stream(self, request: IRequest, events: list[bytes], knobs: JSONDict) -> Deferred[None]:
+        request.setResponseCode(200)
+        request.setHeader("content-type", "text/event-stream")
+        request.setHeader("cache-control", "no-cache")
+        request.setHeader("x-mock-upstream", self.name)
+        for key, value in (knobs.get("headers") or {}).items():
+            request.setHeader(key, str(value))
+        self.stats["streams"] += 1
+        self.stats["active_streams"] += 1
+        return _EventStream(self, request, events, knobs).start()
+
+    async def _serve(self, request: IRequest, build: Any) -> Any:
+        body, knobs = self._record(request)
+        await self._delay(knobs)
+        fault = self._fault(request, knobs)
+        if fault is not None:
+            return fault
+        return build(request, body, knobs)
+
+    def _reply_text(self, body: JSONDict, knobs: JSONDict) -> str:
+        if knobs.get("text") is not None:
+            return str(knobs["text"])
+        return f"Hello from {self.name}! You said: {_last_user_text(body)}"
+
+    def _pieces(self, text: str, knobs: JSONDict) -> list[str]:
+        words = text.split(" ")
+        pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
+        count = knobs.get("words")
+        if count is not None:
+            pieces = (pieces * (int(count) // max(1, len(pieces)) + 1))[: int(count)]
+        return pieces
+
+    # -- chat completions ----------------------------------------------------------
+
+    @app.route("/v1/chat/completions", methods=["POST"])
+    def chat(self, request: IRequest) -> Any:
+        return self._serve(request, self._chat)
+
+    def _chat(self, request: IRequest, body: JSONDict, knobs: JSONDict) -> Any:
+        model = str(body.get("model", "mock-model"))
+        text = self._reply_text(body, knobs)
+        prompt_tokens = _tokens(_last_user_text(body))
+        cid, created = _new_id("chatcmpl"), int(self.reactor.seconds())
+        if not body.get("stream"):
+            usage = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": _tokens(text),
+                "total_tokens": prompt_tokens + _tokens(text),
+            }
+            payload = {
+                "id": cid,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "system_fingerprint": None,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text, "refusal": None},
+                        "logprobs": None,
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": usage,
+            }
+            return self._json(request, 200, payload, knobs)
+
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        pieces = self._pieces(text, knobs)
+
+        def chunk(delta: JSONDict, finish: str | None) -> bytes:
+            data: JSONDict = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "system_fingerprint": None,
+                "choices": [
+                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                ],
+            }
+            if include_usage:
+                data["usage"] = None
+            return _sse(data)
+
+        events = [chunk({"role": "assistant", "content": ""}, None)]
+        events += [chunk({"content": p}, None) for p in pieces]
+        events.append(chunk({}, "stop"))
+        if include_usage:
+            completion_tokens = len(pieces)
+            events.append(
+                _sse(
+                    {
+                        "id": cid,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": model,
+                        "system_fingerprint": None,
+                        "choices": [],
+                        "usage": {
+                            "prompt_tokens": prompt_tokens,
+                            "completion_tokens": completion_tokens,
+                            "total_tokens": prompt_tokens + completion_tokens,
+                        },
+                    }
+                )
+            )
+        events.append(_sse("[DONE]"))
+        return self._stream(request, events, knobs)
+
+    # -- legacy completions --------------------------------------------------------
+
+    @app.route("/v1/completions", methods=["POST"])
+    def completions(self, request: IRequest) -> Any:
+        return self._serve(request, self._completions)
+
+    def _completions(self, request: IRequest, body: JSONDict, knobs: JSONDict) -> Any:
+        model = str(body.get("model", "mock-model"))
+        text = self._reply_text(body, knobs)
+        cid, created = _new_id("cmpl"), int(self.reactor.seconds())
+        prompt_tokens = _tokens(_last_user_text(body))
+
+        def payload(piece: str, finish: str | None) -> JSONDict:
+            return {
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [
+                    {"text": piece, "index": 0, "logprobs": None, "finish_reason": finish}
+                ],
+            }
+
+        if not body.get("stream"):
+            data = payload(text, "stop")
+            data["usage"] = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": _tokens(text),
+                "total_tokens": prompt_tokens + _tokens(text),
+            }
+            return self._json(request, 200, data, knobs)
+        events = [_sse(payload(p, None)) for p in self._pieces(text, knobs)]
+        events += [_sse(payload("", "stop")), _sse("[DONE]")]
+        return self._stream(request, events, knobs)
+
+    # -- embeddings ----------------------------------------------------------------
+
+    @app.route("/v1/embeddings", methods=["POST"])
+    def embeddings(self, request: IRequest) -> Any:
+        return self._serve(request, self._embeddings)
+
+    def _embeddings(self, request: IRequest, body: JSONDict, knobs: JSONDict) -> Any:
+        inputs = body.get("input", "")
+        items = inputs if isinstance(inputs, list) else [inputs]
+        dims = int(body.get("dimensions") or 8)
+        data = []
+        for index, item in enumerate(items):
+            seed = hashlib.sha256(json.dumps(item).encode()).digest()
+            vector = [(seed[i % 32] - 128) / 128.0 for i in range(dims)]
+            if body.get("encoding_format") == "base64":
+                packed = struct.pack(f"<{dims}f", *vector)
+                embedding: Any = base64.b64encode(packed).decode()
+            else:
+                embedding = vector
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        tokens = sum(_tokens(json.dumps(i)) for i in items)
+        payload = {
+            "object": "list",
+            "data": data,
+            "model": str(body.get("model", "mock-embedding")),
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+        return self._json(request, 200, payload, knobs)
+
+    # -- responses API -------------------------------------------------------------
+
+    @app.route("/v1/responses", methods=["POST"])
+    def responses(self, request: IRequest) -> Any:
+        return self._serve(request, self._responses)
+
+    def _response_object(self, body: JSONDict, text: str, status: str) -> JSONDict:
+        input_tokens = _tokens(_last_user_text(body))
+        output_tokens = _tokens(text)
+        return {
+            "id": _new_id("resp"),
+            "object": "response",
+            "created_at": int(self.reactor.seconds()),
+            "status": status,
+            "background": False,
+            "error": None,
+            "incomplete_details": None,
+            "instructions": body.get("instructions"),
+            "max_output_tokens": body.get("max_output_tokens"),
+            "model": str(body.get("model", "mock-model")),
+            "output": [],
+            "parallel_tool_calls": True,
+            "previous_response_id": body.get("previous_response_id"),
+            "reasoning": {"effort": None, "summary": None},
+            "store": True,
+            "temperature": body.get("temperature", 1.0),
+            "text": {"format": {"type": "text"}},
+            "tool_choice": "auto",
+            "tools": [],
+            "top_p": body.get("top_p", 1.0),
+            "truncation": "disabled",
+            "usage": {
+                "input_tokens": input_tokens,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": output_tokens,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": input_tokens + output_tokens,
+            },
+            "user": None,
+            "metadata": body.get("metadata") or {},
+        }
+
+    def _responses(self, request: IRequest, body: JSONDict, knobs: JSONDict) -> Any:
+        previous = body.get("previous_response_id")
+        if previous and previous not in self.responses:
+            return self._json(request, 404, _not_found_response(previous), {})
+        text = self._reply_text(body, knobs)
+        response = self._response_object(body, text, "completed")
+        message = {
+            "id": _new_id("msg"),
+            "type": "message",
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
+        }
+        response["output"] = [message]
+        self.responses[response["id"]] = {"response": response, "input": body.get("input")}
+        if not body.get("stream"):
+            return self._json(request, 200, response, knobs)
+
+        seq = itertools.count()
+        pending = dict(response, status="in_progress", output=[], usage=None)
+        item = dict(message, status="in_progress", content=[])
+        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        ids = {"item_id": message["id"], "output_index": 0}
+
+        def event(kind: str, **fields: Any) -> bytes:
+            return _sse({"type": kind, "sequence_number": next(seq), **fields}, kind)
+
+        events = [
+            event("response.created", response=pending),
+            event("response.in_progress", response=pending),
+            event("response.output_item.added", output_index=0, item=item),
+            event("response.content_part.added", content_index=0, part=part, **ids),
+        ]
+        events += [
+            event("response.output_text.delta", content_index=0, delta=p, logprobs=[], **ids)
+            for p in self._pieces(text, knobs)
+        ]
+        done_part = message["content"][0]
+        events += [
+            event("response.output_text.done", content_index=0, text=text, logprobs=[], **ids),
+            event("response.content_part.done", content_index=0, part=done_part, **ids),
+            event("response.output_item.done", output_index=0, item=message),
+            event("response.completed", response=response),
+        ]
+        return self._stream(request, events, knobs)
+
+    def _stored(self, request: IRequest, response_id: str) -> JSONDict | None:
+        self._record(request)
+        if not self._authorized(request):
+            return None
+        return self.responses.get(response_id)
+
+    @app.route("/v1/responses/<string:response_id>", methods=["GET"])
+    def get_response(self, request: IRequest, response_id: str) -> bytes:
+        stored = self._stored(request, response_id)
+        if stored is None:
+            return self._json(request, 404, _not_found_response(response_id), {})
+        return self._json(request, 200, stored["response"], {})
+
+    @app.route("/v1/responses/<string:response_id>", methods=["DELETE"])
+    def delete_response(self, request: IRequest, response_id: str) -> bytes:
+        stored = self._stored(request, response_id)
+        if stored is None:
+            return self._json(request, 404, _not_found_response(response_id), {})
+        del self.responses[response_id]
+        payload = {"id": response_id, "object": "response.deleted", "deleted": True}
+        return self._json(request, 200, payload, {})
+
+    @app.route("/v1/responses/<string:response_id>/cancel", methods=["POST"])
+    def cancel_response(self, request: IRequest, response_id: str) -> bytes:
+        stored = self._stored(request, response_id)
+        if stored is None:
+            return self._json(request, 404, _not_found_response(response_id), {})
+        stored["response"] = dict(stored["response"], status="cancelled")
+        return self._json(request, 200, stored["response"], {})
+
+    @app.route("/v1/responses/<string:response_id>/input_items", methods=["GET"])
+    def input_items(self, request: IRequest, response_id: str) -> bytes:
+        stored = self._stored(request, response_id)
+        if stored is None:
+            return self._json(request, 404, _not_found_response(response_id), {})
+        given = stored["input"]
+        text = given if isinstance(given, str) else json.dumps(given)
+        item = {
+            "id": _new_id("msg"),
+            "type": "message",
+            "role": "user",
+            "status": "completed",
+            "content": [{"type": "input_text", "text": text}],
+        }
+        payload = {
+            "object": "list",
+            "data": [item],
+            "first_id": item["id"],
+            "last_id": item["id"],
+            "has_more": False,
+        }
+        return self._json(request, 200, payload, {})
+
+    # -- models --------------------------------------------------------------------
+
+    @app.route("/v1/models", methods=["GET"])
+    def models(self, request: IRequest) -> bytes:
+        self._record(request)
+        names = ["mock-model", "gpt-4o-mini", "text-embedding-3-small"]
+        payload = {
+            "object": "list",
+            "data": [
+                {"id": n, "object": "model", "created": 0, "owned_by": self.name} for n in names
+            ],
+        }
+        return self._json(request, 200, payload, {})
+
+    # -- control surface for tests -------------------------------------------------
+
+    @app.route("/_mock/requests", methods=["GET"])
+    def seen(self, request: IRequest) -> bytes:
+        request.setHeader("content-type", "application/json")
+        return json.dumps(self.received).encode()
+
+    @app.route("/_mock/stats", methods=["GET"])
+    def counters(self, request: IRequest) -> bytes:
+        request.setHeader("content-type", "application/json")
+        return json.dumps(self.stats).encode()
+
+    @app.route("/_mock/config", methods=["POST"])
+    def configure(self, request: IRequest) -> bytes:
+        self.config = json.loads(request.content.read() or b"{}")
+        request.setHeader("content-type", "application/json")
+        return json.dumps(self.config).encode()
+
+    @app.route("/_mock/reset", methods=["POST"])
+    def clear(self, request: IRequest) -> bytes:
+        self.reset()
+        return b"{}"
+
+
+def _not_found_response(response_id: str) -> JSONDict:
+    return {
+        "error": {
+            "message": f"Response with id '{response_id}' not found.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": None,
+        }
+    }
