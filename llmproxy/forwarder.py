@@ -23,9 +23,9 @@ from typing import Any, Protocol
 
 import attrs
 from twisted.internet import error as ierror
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, succeed
 from twisted.internet.defer import TimeoutError as DeferTimeoutError
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol as TxProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -37,6 +37,8 @@ from twisted.web.client import (
     ResponseNeverReceived,
 )
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer
+from treq.client import HTTPClient
 from zope.interface import implementer
 
 from llmproxy import errors
@@ -61,6 +63,37 @@ class NoCookies(CookieJar):
 
     def __init__(self) -> None:
         super().__init__(policy=DefaultCookiePolicy(allowed_domains=[]))
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """
+    A request body already in memory, written in one go.  (treq's default wraps
+    bytes in a FileBodyProducer driven by the global cooperator, which neither
+    helps for a body we hold anyway nor runs on an injected reactor.)
+    """
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self.body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def upstream_client(agent: IAgent) -> HTTPClient:
+    """treq over ``agent``, keeping no cookies (treq's default jar keeps all)."""
+    return HTTPClient(agent, cookiejar=NoCookies(), data_to_body_producer=BytesProducer)
 
 
 @attrs.define
@@ -329,8 +362,10 @@ class Forwarder:
                 released[0] = True
                 slot.release()
 
+        client = self.clients[target.upstream]
+        timed_out = []
         try:
-            request = self.clients[target.upstream].request(
+            request = client.request(
                 method,
                 url,
                 headers=self.build_headers(upstream, client_headers, request_id, body is not None),
@@ -338,27 +373,37 @@ class Forwarder:
                 unbuffered=True,
                 allow_redirects=False,
             )
+
+            def first_byte_timeout() -> None:
+                timed_out.append(True)
+                request.cancel()
+
             remaining = max(0.001, deadline - self.reactor.seconds())
-            response = await request.addTimeout(
-                min(upstream.timeouts.first_byte, remaining), self.reactor
+            timer = self.reactor.callLater(
+                min(upstream.timeouts.first_byte, remaining), first_byte_timeout
             )
-        except CancelledError:
+            try:
+                response = await request
+            finally:
+                if timer.active():
+                    timer.cancel()
+        except Exception as e:
             release()
+            # Cancelling an Agent request errbacks with ResponseNeverReceived
+            # wrapping CancelledError: tell our own timeout from a client that left.
+            if timed_out:
+                raise UpstreamFailure(
+                    "timeout", f"no response headers within {upstream.timeouts.first_byte:g}s"
+                ) from None
+            if _cancelled(e):
+                raise CancelledError() from None
+            if isinstance(e, ierror.TimeoutError):
+                raise UpstreamFailure(
+                    "timeout", f"connect timeout of {upstream.timeouts.connect:g}s"
+                ) from None
+            if isinstance(e, _CONNECTION_ERRORS):
+                raise UpstreamFailure("connect", _describe(e)) from None
             raise
-        except DeferTimeoutError:
-            release()
-            raise UpstreamFailure(
-                "timeout", f"no response headers within {upstream.timeouts.first_byte:g}s"
-            ) from None
-        except ierror.TimeoutError:
-            release()
-            raise UpstreamFailure(
-                "timeout", f"connect timeout of {upstream.timeouts.connect:g}s"
-            ) from None
-        except (ierror.ConnectError, ierror.DNSLookupError, ResponseNeverReceived,
-                RequestTransmissionFailed, ResponseFailed, ierror.ConnectionLost) as e:
-            release()
-            raise UpstreamFailure("connect", _describe(e)) from None
 
         exchange = Exchange(
             forwarder=self,
@@ -389,6 +434,23 @@ class Forwarder:
             headers=response.headers,
             retry_after=parse_retry_after(response.headers),
         )
+
+
+_CONNECTION_ERRORS = (
+    ierror.ConnectError,
+    ierror.DNSLookupError,
+    ierror.ConnectionLost,
+    ResponseNeverReceived,
+    RequestTransmissionFailed,
+    ResponseFailed,
+)
+
+
+def _cancelled(e: BaseException) -> bool:
+    if isinstance(e, CancelledError):
+        return True
+    reasons = getattr(e, "reasons", None) or []
+    return any(isinstance(r, Failure) and r.check(CancelledError) for r in reasons)
 
 
 def _describe(e: Exception) -> str:

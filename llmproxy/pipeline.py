@@ -299,6 +299,8 @@ class Pipeline:
                     failure=str(failure),
                 )
                 last = failure
+                if sink.gone:
+                    raise CancelledError() from None
                 if plan.retryable(failure):
                     continue
                 break

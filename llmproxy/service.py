@@ -17,14 +17,13 @@ from twisted.internet.defer import Deferred, DeferredList, TimeoutError as Defer
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
-from treq.client import HTTPClient
 
 from llmproxy.app import Gateway
 from llmproxy.auth import Authenticator
 from llmproxy.cache import MemoryBackend, ResponseCache
 from llmproxy.cache.store import CacheBackend
 from llmproxy.config import Config
-from llmproxy.forwarder import Forwarder, NoCookies, Redactor, UpstreamClient
+from llmproxy.forwarder import Forwarder, Redactor, UpstreamClient, upstream_client
 from llmproxy.limits import MemoryLimiter
 from llmproxy.metrics import Metrics
 from llmproxy.pipeline import Pipeline
@@ -44,7 +43,7 @@ class UpstreamsService(Service):
             pool.retryAutomatically = False  # a retry is the router's decision
             agent = Agent(reactor, connectTimeout=upstream.timeouts.connect, pool=pool)
             self.pools[name] = pool
-            self.clients[name] = HTTPClient(agent, cookiejar=NoCookies())
+            self.clients[name] = upstream_client(agent)
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
