@@ -272,6 +272,8 @@ def _integer(low: int = 0) -> Callable[[object, str], int]:
 
 def _choice(options: tuple[str, ...]) -> Callable[[object, str], str]:
     def parse(value: object, path: str) -> str:
+        if value is False and "off" in options:
+            value = "off"  # YAML 1.1 reads a bare `off` as false
         text = _string(value, path)
         if text not in options:
             hint = difflib.get_close_matches(text, options, n=1)

@@ -19,6 +19,7 @@ from a ``mock`` object in the request body (that request only)::
     interval                seconds between stream events
     words                   how many content deltas (default: the reply's words)
     infinite, chunk_bytes   stream filler events forever, as a push producer
+    omit_done               end a chat stream cleanly but without ``data: [DONE]``
     echo_auth               put the received Authorization header in an error body
     gzip                    gzip the response body
     redirect                answer 302 to this location
@@ -169,6 +170,10 @@ class _EventStream:
             self.call.cancel()
 
     def _clientGone(self, reason: Failure) -> None:
+        self._hungUp()
+
+    def _hungUp(self) -> None:
+        """The client went away before the stream ended (seen once, either way)."""
         if not self.stopped:
             self.mock.stats["disconnects"] += 1
             self._stop()
@@ -184,7 +189,8 @@ class _EventStream:
         self._schedule(self.interval)
 
     def stopProducing(self) -> None:
-        self._stop()
+        # twisted.web stops a request's producer when its connection is lost.
+        self._hungUp()
 
 
 class MockUpstream:
@@ -419,7 +425,8 @@ class MockUpstream:
                     }
                 )
             )
-        events.append(_sse("[DONE]"))
+        if not knobs.get("omit_done"):
+            events.append(_sse("[DONE]"))
         return self._stream(request, events, knobs)
 
     # -- legacy completions --------------------------------------------------------

@@ -64,6 +64,10 @@ def test_env_default_and_missing_variable() -> None:
     assert message == "upstreams.openai.api_key: environment variable OPENAI_API_KEY is not set"
 
 
+def test_bare_off_means_off() -> None:
+    assert parse_yaml("cache: {backend: off}\n", "t", {}).cache.backend == "off"
+
+
 def test_dollar_dollar_is_a_literal_dollar() -> None:
     config = parse_yaml("cache: {namespace: 'a$$b'}\n", "t", {})
     assert config.cache.namespace == "a$b"

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.system.procs import Mock, Proxy, upstream_block
+
+UPSTREAM_KEY = "sk-mock-upstream-secret"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/system/" in str(item.fspath):
+            item.add_marker(pytest.mark.system)
+
+
+@pytest.fixture(scope="session")
+def tmp_session(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("system")
+
+
+@pytest.fixture(scope="session")
+def mock(tmp_session: Path) -> Iterator[Mock]:
+    """One mock upstream that insists on the upstream key."""
+    m = Mock(tmp_session, "main", api_key=UPSTREAM_KEY)
+    yield m
+    m.stop()
+
+
+CORE_MODELS = """
+models:
+  gpt-4o-mini:
+    targets:
+      - upstream: main
+        model: mock-model
+  gpt-4o:
+    targets:
+      - upstream: main
+  text-embedding-3-small:
+    targets:
+      - upstream: main
+cache:
+  backend: off
+"""
+
+
+@pytest.fixture(scope="session")
+def proxy(tmp_session: Path, mock: Mock) -> Iterator[Proxy]:
+    p = Proxy(tmp_session, upstream_block([mock], api_key=UPSTREAM_KEY) + CORE_MODELS)
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+def fresh_mock(mock: Mock) -> Mock:
+    mock.reset()
+    return mock

@@ -1,0 +1,192 @@
+"""
+Real processes for system tests: ``twistd -n llmproxy``, ``twistd -n
+llmproxy-mock``, and (where a test needs them) ``redis-server`` and nginx, each
+on a free port, waited for by polling with a deadline, and stopped at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+    """Poll ``check`` until it returns something truthy, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except AssertionError:
+            raise
+        except Exception as e:  # noqa: BLE001 - polling: the thing may not be up yet
+            last = e
+        time.sleep(0.01)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last})")
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def require_binary(name: str, package: str) -> str:
+    found = shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists()
+                                   else None)
+    if found is None:
+        raise AssertionError(
+            f"this test needs the `{name}` binary, which is not installed: "
+            f"run `apt-get install -y {package}` (Debian/Ubuntu) and try again"
+        )
+    return found
+
+
+class Process:
+    """A child process with its log file; stopped with SIGTERM, then SIGKILL."""
+
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> None:
+        self.args = args
+        self.log_path = log
+        self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            args, stdout=self._log, stderr=subprocess.STDOUT, env=env or os.environ.copy(),
+            cwd=cwd,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def twistd(*args: str) -> list[str]:
+    return [str(BIN / "twistd"), "--pidfile=", "-n", *args]
+
+
+class Mock:
+    """A ``twistd -n llmproxy-mock`` process and its HTTP control surface."""
+
+    def __init__(self, tmp: Path, name: str, api_key: str | None = None) -> None:
+        self.name = name
+        self.port = free_port()
+        args = twistd("llmproxy-mock", "--listen", f"tcp:{self.port}:interface=127.0.0.1",
+                      "--name", name)
+        if api_key:
+            args += ["--api-key", api_key]
+        self.process = Process(args, tmp / f"mock-{name}.log")
+        wait_for(lambda: port_open(self.port), what=f"mock {name} on port {self.port}")
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def _call(self, method: str, path: str, body: Any = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}", data=data, method=method
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.loads(response.read() or b"null")
+
+    def reset(self) -> None:
+        self._call("POST", "/_mock/reset", {})
+
+    def configure(self, **knobs: Any) -> None:
+        self._call("POST", "/_mock/config", knobs)
+
+    def stats(self) -> dict[str, int]:
+        return self._call("GET", "/_mock/stats")  # type: ignore[no-any-return]
+
+    def requests(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/_mock/requests")  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+class Proxy:
+    """A ``twistd -n llmproxy`` process on a free port with a given config."""
+
+    def __init__(self, tmp: Path, config: str, name: str = "proxy",
+                 env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.config_path = tmp / f"{name}.yaml"
+        self.config_path.write_text(config)
+        args = twistd("llmproxy", "--config", str(self.config_path),
+                      "--listen", f"tcp:{self.port}:interface=127.0.0.1")
+        self.process = Process(args, tmp / f"{name}.log", env=env)
+        wait_for(lambda: self._ready(), what=f"llmproxy on port {self.port}")
+
+    def _ready(self) -> bool:
+        if self.process.proc.poll() is not None:
+            raise AssertionError(f"llmproxy exited early:\n{self.process.log()}")
+        return port_open(self.port)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def stop(self) -> int | None:
+        return self.process.stop()
+
+
+def upstream_block(mocks: list[Mock], api_key: str | None = None, extra: str = "") -> str:
+    lines = ["upstreams:"]
+    for mock in mocks:
+        lines.append(f"  {mock.name}:\n    base_url: {mock.base_url}")
+        if api_key:
+            lines.append(f"    api_key: {api_key}")
+        if extra:
+            lines.append(extra)
+    return "\n".join(lines) + "\n"
