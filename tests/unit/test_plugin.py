@@ -1,0 +1,72 @@
+"""The twistd dropin: discoverable, lazy, and building the named service tree."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from twisted.application.service import IServiceCollection, IServiceMaker
+from twisted.plugin import getPlugins
+from twisted.python import usage
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_plugins_are_discoverable() -> None:
+    found = {p.tapname: p for p in getPlugins(IServiceMaker)}
+    assert "llmproxy" in found and "llmproxy-mock" in found
+    assert found["llmproxy"].description
+
+
+def test_dropin_is_lazy() -> None:
+    # Discovery must not install a reactor (it would break `twistd --reactor=...`)
+    # nor import the application.
+    probe = (
+        "import sys; from twisted.plugin import getPlugins;"
+        "from twisted.application.service import IServiceMaker;"
+        "names = [p.tapname for p in getPlugins(IServiceMaker)];"
+        "assert 'llmproxy' in names, names;"
+        "print('twisted.internet.reactor' in sys.modules, 'llmproxy.tap' in sys.modules,"
+        " 'txredisapi' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "False", "False"]
+    assert not (ROOT / "twisted" / "plugins" / "__init__.py").exists()
+    assert not (ROOT / "twisted" / "__init__.py").exists()
+
+
+def test_make_service_builds_the_named_tree(tmp_path: Path) -> None:
+    from llmproxy.tap import Options, makeService
+
+    options = Options()
+    options.parseOptions(["--config", str(ROOT / "etc" / "llmproxy.yaml"),
+                          "--listen", "tcp:0:interface=127.0.0.1", "-l", "tcp:0"])
+    assert options["listen"] == ["tcp:0:interface=127.0.0.1", "tcp:0"]
+    service = makeService(options)
+    collection = IServiceCollection(service)
+    assert {s.name for s in collection} == {"http", "upstreams"}
+    http = collection.getServiceNamed("http")
+    assert http.listen == ("tcp:0:interface=127.0.0.1", "tcp:0")  # type: ignore[attr-defined]
+
+
+def test_bad_config_is_a_usage_error(tmp_path: Path) -> None:
+    from llmproxy.tap import Options
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cache: {ttl: -1}\n")
+    with pytest.raises(usage.UsageError) as info:
+        Options().parseOptions(["--config", str(bad)])
+    assert str(info.value) == "cache.ttl: must be > 0, got -1"
+
+
+def test_bad_listen_is_a_usage_error() -> None:
+    from llmproxy.tap import Options
+
+    with pytest.raises(usage.UsageError) as info:
+        Options().parseOptions(["--config", str(ROOT / "etc" / "llmproxy.yaml"),
+                                "--listen", "bogus:1"])
+    assert "listen: bad endpoint 'bogus:1'" in str(info.value)
