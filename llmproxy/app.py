@@ -238,8 +238,8 @@ class Gateway:
     @app.route("/health", methods=["GET"])
     async def health(self, request: IRequest) -> bytes:
         self._begin(request, "health")
-        targets = self.router.health()
-        usable = any(t["state"] != "cooling_down" for t in targets.values())  # type: ignore[index]
+        targets = self.router.health_report()
+        usable = any(t["state"] != "cooling_down" for t in targets.values())
         ok = usable or not targets
         payload = {"status": "ok" if ok else "unavailable", "targets": targets}
         return _json(request, payload, 200 if ok else 503)
@@ -251,7 +251,7 @@ class Gateway:
         payload = dict(self.metrics.snapshot())
         payload["inflight"] = self.inflight
         payload["cache"] = dict(self.cache.counters, skipped=dict(self.cache.skipped))
-        payload["targets"] = self.router.health()
+        payload["targets"] = self.router.health_report()
         return _json(request, payload)
 
     @app.route("/metrics", methods=["GET"])

@@ -88,12 +88,22 @@ class Cooldown:
 
 
 @attrs.frozen
+class HealthChecks:
+    """Active checks: ``GET {base_url}/models`` every ``interval`` seconds."""
+
+    interval: float = 10.0
+    timeout: float = 5.0
+
+
+@attrs.frozen
 class Routing:
     retries: int = 2
     retry_on: frozenset[str | int] = frozenset(
         {"connect", "timeout", 429, 500, 502, 503, 504}
     )
     cooldown: Cooldown = Cooldown()
+    health_checks: HealthChecks | None = None
+    affinity_ttl: float = 7 * 24 * 3600.0
 
 
 @attrs.frozen
@@ -396,13 +406,27 @@ def _cooldown(raw: object, path: str) -> Cooldown:
     return cooldown
 
 
+def _health_checks(raw: object, path: str) -> HealthChecks:
+    s = _Section(raw, path, ("interval", "timeout"))
+    positive = _number(0, allow_equal=False)
+    d = HealthChecks()
+    return HealthChecks(
+        interval=s.get("interval", positive, d.interval),
+        timeout=s.get("timeout", positive, d.timeout),
+    )
+
+
 def _routing(raw: object, path: str) -> Routing:
-    s = _Section(raw, path, ("retries", "retry_on", "cooldown"))
+    s = _Section(
+        raw, path, ("retries", "retry_on", "cooldown", "health_checks", "affinity_ttl")
+    )
     d = Routing()
     return Routing(
         retries=s.get("retries", _integer(0), d.retries),
         retry_on=s.get("retry_on", _retry_on, d.retry_on),
         cooldown=s.get("cooldown", _cooldown, d.cooldown),
+        health_checks=s.get("health_checks", _health_checks, None),
+        affinity_ttl=s.get("affinity_ttl", _number(0, allow_equal=False), d.affinity_ttl),
     )
 
 

@@ -436,6 +436,24 @@ class Forwarder:
         )
 
 
+    async def probe(self, name: str, path: str, timeout: float) -> bool:
+        """An active health check: does ``GET {base_url}{path}`` answer 2xx in time?"""
+        upstream = self.upstreams[name]
+        request = self.clients[name].request(
+            "GET", upstream.base_url + path,
+            headers=self.build_headers(upstream, {}, "health-check", False),
+            unbuffered=True, allow_redirects=False,
+        )
+        try:
+            response = await request.addTimeout(timeout, self.reactor)
+        except CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - any failure means "not healthy"
+            return False
+        response.deliverBody(_Discard())
+        return bool(200 <= response.code < 300)
+
+
 _CONNECTION_ERRORS = (
     ierror.ConnectError,
     ierror.DNSLookupError,

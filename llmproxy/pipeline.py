@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 import attrs
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 
@@ -193,7 +193,7 @@ class Pipeline:
         pinned = None
         previous = call.payload.get("previous_response_id")
         if call.endpoint == "responses" and isinstance(previous, str):
-            pinned = self._pinned(model, previous)
+            pinned = await self._pinned(model, previous)
 
         key = None
         if not self.cache.enabled:
@@ -216,7 +216,8 @@ class Pipeline:
                 self.cache.counters["bypass"] += 1
 
         observer = _Observer(call.endpoint)
-        stored = await self._forward(call, model, self.router.plan(model, pinned), sink, observer)
+        plan = await self.router.plan(model, pinned)
+        stored = await self._forward(call, model, plan, sink, observer)
         self.limiter.charge_tokens(principal, observer.usage_tokens)
         self.metrics.tokens(model.name, principal.name, observer.usage_tokens)
         if key is not None and stored is not None and controls.store and not sink.gone:
@@ -228,7 +229,7 @@ class Pipeline:
         """GET/DELETE /responses/{id}, /cancel, /input_items: to the target that made it."""
         self.authenticate(call)
         assert call.response_id is not None
-        target = self.router.recall(call.response_id)
+        target = await self.router.recall(call.response_id)
         if target is None:
             upstreams = list(self.forwarder.upstreams)
             if len(upstreams) != 1:
@@ -239,22 +240,22 @@ class Pipeline:
                     code="response_not_found",
                 )
             target = Target(upstream=upstreams[0], model="")
-        elif not self.router.usable(target):
+        elif not await self.router.usable_now(target):
             raise errors.unavailable(
                 f"The backend that created response '{call.response_id}' is unavailable."
             )
         sink.header("x-llmproxy-cache", "bypass" if self.cache.enabled else "off")
         model = Model(name=target.model, targets=(target,))
-        plan = self.router.plan(model, pinned=target)
+        plan = await self.router.plan(model, pinned=target)
         await self._forward(call, model, plan, sink, _Observer(call.endpoint))
 
-    def _pinned(self, model: Model, previous: str) -> Target | None:
-        remembered = self.router.recall(previous)
+    async def _pinned(self, model: Model, previous: str) -> Target | None:
+        remembered = await self.router.recall(previous)
         if remembered is None:
             return None  # unknown here (expired, or made before a restart): route normally
         for target in model.targets:
             if target.upstream == remembered.upstream:
-                if not self.router.usable(target):
+                if not await self.router.usable_now(target):
                     raise errors.unavailable(
                         f"The backend that created response '{previous}' is unavailable."
                     )
@@ -272,10 +273,9 @@ class Pipeline:
     ) -> Entry | None:
         """Try targets until one answers; relay it.  Returns the entry to cache, if any."""
         last: UpstreamFailure | None = None
-        while (target := plan.next()) is not None:
+        while (target := await plan.next()) is not None:
             body = rewrite_body(call.body, target.model or None) if call.body else None
             started = self.reactor.seconds()
-            plan.started(target)
             try:
                 exchange = await self.forwarder.open(
                     target, call.method, call.path, body, call.headers, call.request_id,
@@ -289,8 +289,7 @@ class Pipeline:
                 plan.finished(target)
                 raise
             except UpstreamFailure as failure:
-                plan.finished(target)
-                plan.failed(target, failure)
+                await plan.failed(target, failure)
                 self.metrics.attempt(target.upstream, failure.kind, failure.status)
                 self.log.warn(
                     "request {request_id}: {upstream} failed: {failure}",
@@ -304,12 +303,12 @@ class Pipeline:
                 if plan.retryable(failure):
                     continue
                 break
-            plan.succeeded(target, ttfb)
+            await plan.succeeded(target, ttfb)
             self.metrics.attempt(target.upstream, "ok", exchange.status, ttfb)
             try:
                 if streaming:
                     return await self._relay(call, exchange, sink, observer)
-                return self._answer(call, exchange, data, sink, observer)
+                return await self._answer(call, exchange, data, sink, observer)
             finally:
                 plan.finished(target)
 
@@ -334,7 +333,7 @@ class Pipeline:
         sink.start(failure.status, headers)
         sink.write(failure.body)
 
-    def _answer(
+    async def _answer(
         self, call: Call, exchange: Exchange, data: bytes, sink: ClientSink, observer: _Observer
     ) -> Entry | None:
         headers = exchange.client_headers()
@@ -343,7 +342,8 @@ class Pipeline:
             observer.json(json.loads(data))
         except ValueError:
             pass
-        self._remember(observer, exchange.target)
+        # Remembered before the client can see the id and ask about it.
+        await self._remember(observer, exchange.target)
         sink.start(exchange.status, headers)
         sink.write(data)
         if exchange.status == 200 and _worth_storing(call.endpoint, data):
@@ -365,12 +365,14 @@ class Pipeline:
         redact = self.forwarder.redact
         target = exchange.target
 
+        remembering: list[Deferred[None]] = []
+
         def on_data(data: bytes) -> None:
             for event in parser.feed(data):
                 raw = redact(event.raw)
                 observer.event(event)
                 if observer.response_ids:
-                    self._remember(observer, target)
+                    remembering.append(Deferred.fromCoroutine(self._remember(observer, target)))
                 recorded.append(raw)
                 sink.write(raw)
 
@@ -399,6 +401,8 @@ class Pipeline:
         finally:
             if not sink.gone:
                 sink.unregister_producer()
+        for pending in remembering:
+            await pending
         if not clean:
             return None
         tail = parser.pending()
@@ -420,9 +424,9 @@ class Pipeline:
             upstream=target.upstream,
         )
 
-    def _remember(self, observer: _Observer, target: Target) -> None:
+    async def _remember(self, observer: _Observer, target: Target) -> None:
         while observer.response_ids:
-            self.router.remember(observer.response_ids.pop(), target)
+            await self.router.remember(observer.response_ids.pop(), target)
 
     def _replay(self, entry: Entry, sink: ClientSink) -> None:
         headers = {"content-type": entry.content_type, "x-llmproxy-upstream": entry.upstream}

@@ -1,116 +1,168 @@
 """
 Routing: which target serves a public model, in which order targets are tried,
-and what the proxy remembers about each target's health.
+and what the proxy knows about each target's health.
 
-The pipeline asks the router for a :class:`Plan` per request and reports every
-attempt back to it (``started`` / ``succeeded`` / ``failed``); all balancing and
-passive-health rules live behind that seam.  Responses API affinity (which
-target made a response id) is remembered here too, so follow-ups reach the one
-backend that knows the response.
+The pipeline asks for a :class:`Plan` per request and reports every attempt
+back to it; balancing (:mod:`llmproxy.balancing`), passive health
+(:mod:`llmproxy.health`) and Responses API affinity (:mod:`llmproxy.affinity`)
+all live behind that seam.
+
+Failover rules: a plan hands out targets not yet tried by this request, up to
+``1 + routing.retries`` of them.  Positive-weight targets come first, chosen by
+the model's strategy; the weight-0 fallback tier is used, in config order, only
+when no positive-weight target is usable, including within one request whose
+weighted targets all just failed.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Iterable
+import random
+from collections.abc import Mapping
 
-import attrs
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
+from llmproxy.affinity import AffinityStore, MemoryAffinity
+from llmproxy.balancing import Strategy, make_strategy
 from llmproxy.config import Config, Model, Routing, Target
 from llmproxy.forwarder import UpstreamFailure
+from llmproxy.health import Breaker, HealthStore, LocalHealth, counts_against
 
-
-@attrs.define
-class TargetState:
-    """What the router knows about one target."""
-
-    inflight: int = 0
-    failures: int = 0
-    cooldown_until: float = 0.0
-    ttfb: float | None = None
-
-    def usable(self, now: float) -> bool:
-        return now >= self.cooldown_until
+EWMA_ALPHA = 0.3
 
 
 class Plan:
-    """
-    The attempts of one request: each call to :meth:`next` gives a target not yet
-    tried, until ``1 + retries`` attempts were made or no usable target is left.
-    Positive-weight targets come first; weight 0 is the fallback tier.
-    """
+    """The attempts of one request."""
 
     def __init__(self, router: Router, model: Model, pinned: Target | None = None) -> None:
         self.router = router
         self.model = model
-        self.tried: list[Target] = []
         self.pinned = pinned
+        self.tried: list[Target] = []
         self.attempts_left = 1 + router.routing.retries
 
-    def next(self) -> Target | None:
+    async def next(self) -> Target | None:
         if self.attempts_left <= 0:
             return None
         if self.pinned is not None:
-            candidates: Iterable[Target] = [self.pinned] if not self.tried else []
+            if self.tried:
+                return None
+            target: Target | None = self.pinned
         else:
-            candidates = self.router.order(self.model, exclude=self.tried)
-        for target in candidates:
+            target = await self.router.choose(self.model, self.tried)
+        if target is not None:
             self.attempts_left -= 1
             self.tried.append(target)
-            return target
-        return None
+            self.router.inflight[target.id] = self.router.inflight.get(target.id, 0) + 1
+        return target
 
-    def started(self, target: Target) -> None:
-        self.router.state(target).inflight += 1
+    async def succeeded(self, target: Target, ttfb: float) -> None:
+        """The response headers arrived with a 2xx (the target stays in flight)."""
+        await self.router.succeeded(target, ttfb)
 
-    def succeeded(self, target: Target, ttfb: float) -> None:
-        self.router.record_success(target, ttfb)
-
-    def failed(self, target: Target, failure: UpstreamFailure) -> None:
-        self.router.record_failure(target, failure)
+    async def failed(self, target: Target, failure: UpstreamFailure) -> None:
+        self.router.done(target)
+        await self.router.failed(target, failure)
 
     def finished(self, target: Target) -> None:
-        state = self.router.state(target)
-        state.inflight = max(0, state.inflight - 1)
+        """The exchange is over (whatever happened)."""
+        self.router.done(target)
 
     def retryable(self, failure: UpstreamFailure) -> bool:
         return self.router.retryable(failure)
 
 
 class Router:
-    """Model -> ordered targets; health per target; response-id affinity."""
+    log = Logger()
 
-    AFFINITY_TTL = 24 * 3600.0
-    AFFINITY_MAX = 100_000
-
-    def __init__(self, config: Config, reactor: IReactorTime) -> None:
-        self.models = config.models
+    def __init__(
+        self,
+        config: Config,
+        reactor: IReactorTime,
+        health: HealthStore | None = None,
+        affinity: AffinityStore | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.models: Mapping[str, Model] = config.models
         self.routing: Routing = config.routing
+        self.upstreams = config.upstreams
         self.reactor = reactor
-        self._states: dict[str, TargetState] = {}
-        self._affinity: OrderedDict[str, tuple[Target, float]] = OrderedDict()
+        self.health: HealthStore = health or LocalHealth()
+        self.affinity: AffinityStore = affinity or MemoryAffinity(
+            reactor, config.routing.affinity_ttl
+        )
+        self.rng = rng or random.Random()
+        self.breakers: dict[str, Breaker] = {}
+        self.inflight: dict[str, int] = {}
+        self.ttfb: dict[str, float] = {}
+        self.strategies: dict[str, Strategy] = {
+            name: make_strategy(
+                model.strategy,
+                lambda t: self.inflight.get(t.id, 0),
+                lambda t: self.ttfb.get(t.id),
+                self.rng,
+            )
+            for name, model in self.models.items()
+        }
+        for model in self.models.values():
+            for target in model.targets:
+                self.breakers.setdefault(target.id, Breaker())
 
     def model(self, name: str) -> Model | None:
         return self.models.get(name)
 
-    def state(self, target: Target) -> TargetState:
-        found = self._states.get(target.id)
-        if found is None:
-            found = self._states[target.id] = TargetState()
-        return found
-
-    def plan(self, model: Model, pinned: Target | None = None) -> Plan:
-        return Plan(self, model, pinned)
+    def breaker(self, target: Target) -> Breaker:
+        return self.breakers.setdefault(target.id, Breaker())
 
     def usable(self, target: Target) -> bool:
-        return self.state(target).usable(self.reactor.seconds())
+        return self.breaker(target).available(self.reactor.seconds())
 
-    def order(self, model: Model, exclude: list[Target]) -> list[Target]:
-        """Usable targets not yet tried, best first; the fallback tier last."""
-        left = [t for t in model.targets if t not in exclude and self.usable(t)]
-        primary = [t for t in left if t.weight > 0]
-        return primary or [t for t in left if t.weight == 0]
+    async def usable_now(self, target: Target) -> bool:
+        """Like :meth:`usable`, after reading the shared state."""
+        await self.health.pull([target], {target.id: self.breaker(target)})
+        return self.usable(target)
+
+    async def plan(self, model: Model, pinned: Target | None = None) -> Plan:
+        targets = [pinned] if pinned is not None else list(model.targets)
+        for target in targets:
+            self.breaker(target)
+        await self.health.pull(targets, self.breakers)
+        return Plan(self, model, pinned)
+
+    async def choose(self, model: Model, exclude: list[Target]) -> Target | None:
+        skipped: list[Target] = []
+        while True:
+            now = self.reactor.seconds()
+            left = [
+                t for t in model.targets
+                if t not in exclude and t not in skipped and self.breaker(t).available(now)
+            ]
+            primary = [t for t in left if t.weight > 0]
+            if primary:
+                target = self.strategies[model.name].pick(primary)
+            elif left:
+                target = left[0]  # the fallback tier, in config order
+            else:
+                return None
+            breaker = self.breaker(target)
+            if not breaker.half_open(now):
+                return target
+            # Half-open: exactly one probe, claimed fleet-wide when shared.
+            breaker.probing = True
+            ttl = self.upstreams[target.upstream].timeouts.total
+            if await self.health.claim_probe(target, ttl):
+                return target
+            breaker.probing = False
+            skipped.append(target)
+
+    def done(self, target: Target) -> None:
+        self.inflight[target.id] = max(0, self.inflight.get(target.id, 0) - 1)
+        breaker = self.breaker(target)
+        if breaker.probing:
+            # The probe ended with no verdict (the client left): let another try.
+            breaker.probing = False
+            Deferred.fromCoroutine(self.health.release_probe(target))
 
     def retryable(self, failure: UpstreamFailure) -> bool:
         retry_on = self.routing.retry_on
@@ -120,56 +172,75 @@ class Router:
             return "timeout" in retry_on
         return "connect" in retry_on
 
-    def record_success(self, target: Target, ttfb: float) -> None:
-        state = self.state(target)
-        state.failures = 0
-        state.cooldown_until = 0.0
-        state.ttfb = ttfb if state.ttfb is None else 0.7 * state.ttfb + 0.3 * ttfb
+    async def succeeded(self, target: Target, ttfb: float) -> None:
+        old = self.ttfb.get(target.id)
+        self.ttfb[target.id] = ttfb if old is None else (1 - EWMA_ALPHA) * old + EWMA_ALPHA * ttfb
+        breaker = self.breaker(target)
+        if breaker.failures or breaker.open_until or breaker.probing:
+            if breaker.open_until:
+                self.log.info("{target} is healthy again", target=target.id)
+            breaker.succeed()
+            await self.health.succeeded(target)
 
-    def record_failure(self, target: Target, failure: UpstreamFailure) -> None:
-        if failure.kind == "http" and failure.status not in (429,) and (failure.status or 0) < 500:
-            return  # a client error says nothing about the target's health
-        state = self.state(target)
-        state.failures += 1
-        cooldown = self.routing.cooldown
+    async def failed(self, target: Target, failure: UpstreamFailure) -> None:
+        if not counts_against(failure.kind, failure.status):
+            return
+        breaker = self.breaker(target)
+        probe = breaker.probing
         now = self.reactor.seconds()
-        if failure.status == 429 and failure.retry_after is not None:
-            state.cooldown_until = now + min(failure.retry_after, cooldown.max_seconds)
-        elif state.failures >= cooldown.failures:
-            excess = state.failures - cooldown.failures
-            seconds = min(cooldown.seconds * (2**excess), cooldown.max_seconds)
-            state.cooldown_until = now + seconds
+        retry_after = failure.retry_after if failure.status == 429 else None
+        breaker.fail(now, self.routing.cooldown, retry_after)
+        await self.health.failed(target, breaker, now, retry_after, probe)
+        if breaker.open_until > now:
+            self.log.warn(
+                "{target} cooling down for {seconds:.1f}s after {failure}",
+                target=target.id, seconds=breaker.open_until - now, failure=str(failure),
+            )
+
+    async def checked(self, upstream: str, ok: bool) -> None:
+        """The verdict of an active health check on an upstream."""
+        now = self.reactor.seconds()
+        for target in self.targets_of(upstream):
+            breaker = self.breaker(target)
+            if ok:
+                if breaker.state(now) == "cooling_down":
+                    breaker.open_until = now  # probe it now rather than later
+            else:
+                await self.failed(target, UpstreamFailure("connect", "active health check"))
+
+    def targets_of(self, upstream: str) -> list[Target]:
+        seen: dict[str, Target] = {}
+        for model in self.models.values():
+            for target in model.targets:
+                if target.upstream == upstream:
+                    seen.setdefault(target.id, target)
+        return list(seen.values())
 
     # -- Responses API affinity ------------------------------------------------------
 
-    def remember(self, response_id: str, target: Target) -> None:
-        self._affinity[response_id] = (target, self.reactor.seconds() + self.AFFINITY_TTL)
-        self._affinity.move_to_end(response_id)
-        while len(self._affinity) > self.AFFINITY_MAX:
-            self._affinity.popitem(last=False)
+    async def remember(self, response_id: str, target: Target) -> None:
+        await self.affinity.remember(response_id, target)
 
-    def recall(self, response_id: str) -> Target | None:
-        found = self._affinity.get(response_id)
-        if found is None:
-            return None
-        target, expires = found
-        if expires < self.reactor.seconds():
-            del self._affinity[response_id]
-            return None
-        return target
+    async def recall(self, response_id: str) -> Target | None:
+        return await self.affinity.recall(response_id)
 
-    def health(self) -> dict[str, object]:
+    def health_report(self) -> dict[str, dict[str, object]]:
         now = self.reactor.seconds()
-        report: dict[str, object] = {}
+        report: dict[str, dict[str, object]] = {}
         for model in self.models.values():
             for target in model.targets:
-                state = self.state(target)
+                breaker = self.breaker(target)
+                state = breaker.state(now)
                 report[target.id] = {
                     "upstream": target.upstream,
-                    "state": "healthy" if state.usable(now) else "cooling_down",
-                    "cooldown_remaining": max(0.0, round(state.cooldown_until - now, 3)),
-                    "inflight": state.inflight,
-                    "consecutive_failures": state.failures,
-                    "ttfb_ewma": state.ttfb,
+                    "model": target.model,
+                    "weight": target.weight,
+                    "state": state,
+                    "cooling_until": breaker.open_until if state == "cooling_down" else None,
+                    "cooldown_remaining": round(max(0.0, breaker.open_until - now), 3)
+                    if state == "cooling_down" else 0.0,
+                    "inflight": self.inflight.get(target.id, 0),
+                    "consecutive_failures": breaker.failures,
+                    "ttfb_ewma": self.ttfb.get(target.id),
                 }
         return report

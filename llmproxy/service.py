@@ -18,15 +18,18 @@ from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from llmproxy.affinity import AffinityStore, MemoryAffinity, RedisAffinity
 from llmproxy.app import Gateway
 from llmproxy.auth import Authenticator
 from llmproxy.cache import MemoryBackend, ResponseCache
 from llmproxy.cache.store import CacheBackend
 from llmproxy.config import Config
+from llmproxy.health import ActiveChecker, HealthStore, LocalHealth, RedisHealth
 from llmproxy.forwarder import Forwarder, Redactor, UpstreamClient, upstream_client
 from llmproxy.limits import MemoryLimiter
 from llmproxy.metrics import Metrics
 from llmproxy.pipeline import Pipeline
+from llmproxy.redisclient import SharedRedis
 from llmproxy.router import Router
 from llmproxy.site import GatewaySite
 
@@ -114,12 +117,47 @@ def cache_backend(config: Config, reactor: IReactorTime) -> CacheBackend | None:
     return None
 
 
+class RedisService(Service):
+    """Owns the process's Redis connection pool."""
+
+    def __init__(self, redis: SharedRedis) -> None:
+        self.redis = redis
+
+    def startService(self) -> None:
+        super().startService()
+        self.redis.start()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self.redis.stop())
+
+
+class HealthCheckService(Service):
+    def __init__(self, checker: ActiveChecker) -> None:
+        self.checker = checker
+
+    def startService(self) -> None:
+        super().startService()
+        self.checker.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.checker.stop()
+
+
 def build_gateway(
-    config: Config, reactor: IReactorTime, clients: dict[str, UpstreamClient]
+    config: Config, reactor: IReactorTime, clients: dict[str, UpstreamClient],
+    redis: SharedRedis | None = None,
 ) -> Gateway:
     """Wire the collaborators (also used by in-memory tests with StubTreq clients)."""
     metrics = Metrics()
-    router = Router(config, reactor)
+    namespace = config.cache.namespace
+    health: HealthStore = LocalHealth()
+    affinity: AffinityStore = MemoryAffinity(reactor, config.routing.affinity_ttl)
+    if redis is not None:
+        health = RedisHealth(redis, namespace, config.routing.cooldown)
+        affinity = RedisAffinity(redis, namespace, MemoryAffinity(reactor, config.routing.affinity_ttl))
+    router = Router(config, reactor, health=health, affinity=affinity)
     auth = Authenticator(config.auth)
     forwarder = Forwarder(reactor, config.upstreams, clients, Redactor(config.secrets()))
     cache = ResponseCache(cache_backend(config, reactor), config.cache.ttl, config.cache.scope)
@@ -128,8 +166,7 @@ def build_gateway(
         lambda: dict(cache.counters),
     )
     pipeline = Pipeline(
-        reactor, auth, MemoryLimiter(reactor), router, forwarder, cache,
-        config.cache.namespace, metrics,
+        reactor, auth, MemoryLimiter(reactor), router, forwarder, cache, namespace, metrics,
     )
     return Gateway(config, pipeline, router, auth, cache, metrics)
 
@@ -144,10 +181,24 @@ def build_site(config: Config, gateway: Gateway) -> GatewaySite:
 
 def build_service(config: Config, reactor: Any, listen: tuple[str, ...]) -> MultiService:
     top = MultiService()
+    redis = None
+    if config.redis is not None:
+        redis = SharedRedis(reactor, config.redis.url, config.redis.timeout)
+        redis_service = RedisService(redis)
+        redis_service.setName("redis")
+        redis_service.setServiceParent(top)
     upstreams = UpstreamsService(reactor, config)
     upstreams.setName("upstreams")
     upstreams.setServiceParent(top)
-    gateway = build_gateway(config, reactor, upstreams.clients)
+    gateway = build_gateway(config, reactor, upstreams.clients, redis)
+    checks = config.routing.health_checks
+    if checks is not None:
+        checker = ActiveChecker(
+            reactor, gateway.router, gateway.pipeline.forwarder, checks.interval, checks.timeout
+        )
+        health = HealthCheckService(checker)
+        health.setName("health")
+        health.setServiceParent(top)
     http = HTTPService(
         reactor, listen, build_site(config, gateway), gateway, config.server.drain_seconds
     )

@@ -1,0 +1,77 @@
+"""
+Responses API affinity: which target made a response id, so that follow-ups
+(``previous_response_id``, ``/v1/responses/{id}``...) reach the one backend that
+knows it.  Remembered with a TTL, in memory or (for a fleet) in Redis; a Redis
+failure falls back to the local memory, which every process keeps as well.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from typing import Protocol
+
+from twisted.internet.interfaces import IReactorTime
+
+from llmproxy.config import Target
+from llmproxy.redisclient import RedisUnavailable, SharedRedis
+
+
+class AffinityStore(Protocol):
+    async def remember(self, response_id: str, target: Target) -> None: ...
+
+    async def recall(self, response_id: str) -> Target | None: ...
+
+
+class MemoryAffinity:
+    def __init__(self, reactor: IReactorTime, ttl: float, max_entries: int = 100_000) -> None:
+        self.reactor = reactor
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._items: OrderedDict[str, tuple[Target, float]] = OrderedDict()
+
+    async def remember(self, response_id: str, target: Target) -> None:
+        self._items[response_id] = (target, self.reactor.seconds() + self.ttl)
+        self._items.move_to_end(response_id)
+        while len(self._items) > self.max_entries:
+            self._items.popitem(last=False)
+
+    async def recall(self, response_id: str) -> Target | None:
+        found = self._items.get(response_id)
+        if found is None:
+            return None
+        target, expires = found
+        if expires <= self.reactor.seconds():
+            del self._items[response_id]
+            return None
+        return target
+
+
+class RedisAffinity:
+    def __init__(self, redis: SharedRedis, namespace: str, local: MemoryAffinity) -> None:
+        self.redis = redis
+        self.namespace = namespace
+        self.local = local
+
+    def key(self, response_id: str) -> str:
+        return f"{self.namespace}:affinity:{response_id}"
+
+    async def remember(self, response_id: str, target: Target) -> None:
+        await self.local.remember(response_id, target)
+        value = json.dumps({"upstream": target.upstream, "model": target.model,
+                            "weight": target.weight})
+        try:
+            await self.redis.call("set", self.key(response_id), value,
+                                  expire=int(self.local.ttl))
+        except RedisUnavailable:
+            return
+
+    async def recall(self, response_id: str) -> Target | None:
+        try:
+            raw = await self.redis.call("get", self.key(response_id))
+        except RedisUnavailable:
+            return await self.local.recall(response_id)
+        if raw is None:
+            return await self.local.recall(response_id)
+        data = json.loads(raw)
+        return Target(upstream=data["upstream"], model=data["model"], weight=data["weight"])
