@@ -637,8 +637,10 @@ class MockUpstream:
     # -- models --------------------------------------------------------------------
 
     @app.route("/v1/models", methods=["GET"])
-    def models(self, request: IRequest) -> bytes:
-        self._record(request)
+    def models(self, request: IRequest) -> Any:
+        return self._serve(request, self._models)
+
+    def _models(self, request: IRequest, body: JSONDict, knobs: JSONDict) -> bytes:
         names = ["mock-model", "gpt-4o-mini", "text-embedding-3-small"]
         payload = {
             "object": "list",
@@ -646,7 +648,7 @@ class MockUpstream:
                 {"id": n, "object": "model", "created": 0, "owned_by": self.name} for n in names
             ],
         }
-        return self._json(request, 200, payload, {})
+        return self._json(request, 200, payload, knobs)
 
     # -- control surface for tests -------------------------------------------------
 

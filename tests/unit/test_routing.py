@@ -1,0 +1,371 @@
+"""Balancing, failover, cooldowns and affinity, driven by a Clock."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Any
+
+import pytest
+from twisted.internet import error as ierror
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.task import Clock
+
+from llmproxy.balancing import LeastBusy, RoundRobin
+from llmproxy.config import Target, parse_yaml
+from llmproxy.forwarder import UpstreamFailure
+from llmproxy.router import Router
+from tests.harness import Harness, chat
+
+THREE = {"a": "ka", "b": "kb", "c": "kc"}
+
+
+def three(strategy: str = "round_robin", weights: tuple[int, int, int] = (1, 1, 1),
+          extra: str = "") -> str:
+    ups = "".join(f"  {n}:\n    base_url: http://{n}.test/v1\n    api_key: k{n}\n" for n in "abc")
+    targets = "".join(
+        f"      - upstream: {n}\n        model: up-{n}\n        weight: {w}\n"
+        for n, w in zip("abc", weights, strict=True)
+    )
+    return f"upstreams:\n{ups}models:\n  m1:\n    strategy: {strategy}\n    targets:\n{targets}" + extra
+
+
+def run(d: Any) -> Any:
+    """The result of a Deferred or coroutine that completes synchronously."""
+    if not isinstance(d, Deferred):
+        d = Deferred.fromCoroutine(d)
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "did not complete synchronously"
+    if hasattr(results[0], "raiseException"):
+        results[0].raiseException()
+    return results[0]
+
+
+def router(text: str, clock: Clock | None = None, seed: int = 1) -> Router:
+    config = parse_yaml(text, "t", {})
+    return Router(config, clock or Clock(), rng=random.Random(seed))
+
+
+def picks(r: Router, count: int) -> list[str]:
+    model = r.models["m1"]
+    out = []
+    for _ in range(count):
+        plan = run(r.plan(model))
+        target = run(plan.next())
+        out.append(target.upstream)
+        plan.finished(target)
+    return out
+
+
+def test_smooth_weighted_round_robin_is_nginx_sequence() -> None:
+    r = router(three(weights=(5, 1, 1)))
+    assert "".join(picks(r, 14)) == "aabacaa" * 2
+
+
+def test_round_robin_spreads_evenly() -> None:
+    assert Counter(picks(router(three()), 30)) == {"a": 10, "b": 10, "c": 10}
+
+
+def test_round_robin_skips_excluded_targets_without_losing_balance() -> None:
+    rr = RoundRobin()
+    a, b, c = (Target(n, n, 1) for n in "abc")
+    assert [rr.pick([a, b, c]).upstream for _ in range(3)] == ["a", "b", "c"]
+    assert [rr.pick([a, c]).upstream for _ in range(4)] == ["a", "c", "a", "c"]
+
+
+def test_least_busy_prefers_fewest_inflight_per_weight_and_rotates_ties() -> None:
+    inflight = {"a": 2, "b": 0, "c": 0}
+    lb = LeastBusy(lambda t: inflight[t.upstream])
+    a, b, c = Target("a", "a", 1), Target("b", "b", 1), Target("c", "c", 1)
+    assert [lb.pick([a, b, c]).upstream for _ in range(4)] == ["b", "c", "b", "c"]
+    heavy = Target("a", "a", 4)  # 2 in flight on weight 4 beats 1 on weight 1
+    inflight.update(b=1, c=1)
+    assert lb.pick([heavy, b, c]).upstream == "a"
+
+
+def test_least_busy_counts_requests_in_flight() -> None:
+    r = router(three("least_busy"))
+    model = r.models["m1"]
+    held = []
+    for _ in range(3):
+        plan = run(r.plan(model))
+        held.append((plan, run(plan.next())))
+    assert sorted(t.upstream for _, t in held) == ["a", "b", "c"]
+    plan, target = held[1]
+    plan.finished(target)  # that one is free again: it gets the next request
+    assert picks(r, 1) == [target.upstream]
+
+
+def test_latency_prefers_the_faster_target_and_still_explores() -> None:
+    clock = Clock()
+    r = router(three("latency"), clock, seed=7)
+    for name, ttfb in (("a", 0.5), ("b", 0.05), ("c", 0.9)):
+        run(r.succeeded(Target(name, f"up-{name}", 1), ttfb))
+    counts = Counter(picks(r, 2000))
+    assert counts["b"] > counts["a"] > counts["c"] > 0  # c is still seen (exploration)
+    assert counts["b"] > 1000
+
+
+def test_latency_tries_unmeasured_targets() -> None:
+    r = router(three("latency"), seed=3)
+    run(r.succeeded(Target("a", "up-a", 1), 0.01))
+    run(r.succeeded(Target("b", "up-b", 1), 0.01))
+    assert "c" in picks(r, 20)
+
+
+def test_random_is_weighted() -> None:
+    counts = Counter(picks(router(three("random", (6, 3, 1)), seed=5), 10000))
+    assert 5700 < counts["a"] < 6300 and 2700 < counts["b"] < 3300 and 800 < counts["c"] < 1200
+
+
+def test_priority_takes_targets_in_order() -> None:
+    assert picks(router(three("priority")), 3) == ["a", "a", "a"]
+
+
+def fail_target(r: Router, name: str, kind: str = "connect", status: int | None = None,
+                retry_after: float | None = None) -> None:
+    target = next(t for t in r.models["m1"].targets if t.upstream == name)
+    run(r.failed(target, UpstreamFailure(kind, "x", status=status, retry_after=retry_after)))
+
+
+def test_cooldown_transitions() -> None:
+    clock = Clock()
+    r = router(three("priority", extra="routing: {cooldown: {failures: 3, seconds: 10, "
+                                        "max_seconds: 25}}\n"), clock)
+    fail_target(r, "a")
+    fail_target(r, "a")
+    assert picks(r, 1) == ["a"]  # two failures: still healthy
+    fail_target(r, "a")
+    assert r.health_report()["a/up-a"]["state"] == "cooling_down"
+    assert picks(r, 3) == ["b", "b", "b"]  # a cooling target is left alone
+    clock.advance(10)
+    assert r.health_report()["a/up-a"]["state"] == "half_open"
+    model = r.models["m1"]
+    probe_plan = run(r.plan(model))
+    probe = run(probe_plan.next())
+    assert probe.upstream == "a"  # exactly one probe goes through...
+    assert r.health_report()["a/up-a"]["state"] == "probing"
+    assert picks(r, 2) == ["b", "b"]  # ...and nobody else meanwhile
+    run(probe_plan.failed(probe, UpstreamFailure("connect", "still down")))
+    assert r.health_report()["a/up-a"]["cooldown_remaining"] == 20  # doubled
+    clock.advance(20)
+    plan = run(r.plan(model))
+    probe = run(plan.next())
+    run(plan.failed(probe, UpstreamFailure("timeout", "still down")))
+    assert r.health_report()["a/up-a"]["cooldown_remaining"] == 25  # capped
+    clock.advance(25)
+    plan = run(r.plan(model))
+    probe = run(plan.next())
+    run(plan.succeeded(probe, 0.1))
+    plan.finished(probe)
+    assert r.health_report()["a/up-a"]["state"] == "healthy"
+    assert picks(r, 2) == ["a", "a"]
+
+
+def test_probe_without_verdict_is_released() -> None:
+    clock = Clock()
+    r = router(three("priority", extra="routing: {cooldown: {failures: 1, seconds: 5}}\n"), clock)
+    fail_target(r, "a")
+    clock.advance(5)
+    plan = run(r.plan(r.models["m1"]))
+    probe = run(plan.next())
+    plan.finished(probe)  # e.g. the client went away before the headers
+    assert r.health_report()["a/up-a"]["state"] == "half_open"
+    assert picks(r, 1) == ["a"]
+
+
+def test_429_retry_after_cools_for_that_long() -> None:
+    clock = Clock()
+    r = router(three("priority"), clock)
+    fail_target(r, "a", "http", 429, retry_after=7)
+    report = r.health_report()["a/up-a"]
+    assert report["state"] == "cooling_down" and report["cooldown_remaining"] == 7
+    clock.advance(7)
+    assert r.health_report()["a/up-a"]["state"] == "half_open"
+
+
+def test_client_errors_do_not_count_against_a_target() -> None:
+    r = router(three("priority", extra="routing: {cooldown: {failures: 1}}\n"))
+    fail_target(r, "a", "http", 400)
+    fail_target(r, "a", "http", 404)
+    assert r.health_report()["a/up-a"]["state"] == "healthy"
+    fail_target(r, "a", "http", 503)
+    assert r.health_report()["a/up-a"]["state"] == "cooling_down"
+
+
+def test_fallback_tier_only_when_weighted_targets_are_out() -> None:
+    clock = Clock()
+    r = router(three("round_robin", (1, 1, 0), extra="routing: {cooldown: {failures: 1}}\n"),
+               clock)
+    assert "c" not in picks(r, 10)
+    fail_target(r, "a")
+    fail_target(r, "b")
+    assert picks(r, 2) == ["c", "c"]
+
+
+def test_fallback_tier_within_one_request() -> None:
+    r = router(three("round_robin", (1, 1, 0)))
+    plan = run(r.plan(r.models["m1"]))
+    first, second = run(plan.next()), run(plan.next())
+    assert {first.upstream, second.upstream} == {"a", "b"}
+    assert run(plan.next()).upstream == "c"  # both weighted ones tried: the fallback
+
+
+def test_retries_bound_the_attempts() -> None:
+    r = router(three(extra="routing: {retries: 1}\n"))
+    plan = run(r.plan(r.models["m1"]))
+    assert run(plan.next()) is not None and run(plan.next()) is not None
+    assert run(plan.next()) is None
+
+
+# -- through the gateway, with three in-memory mock upstreams -----------------------
+
+
+def gateway(strategy: str = "round_robin", weights: tuple[int, int, int] = (1, 1, 1),
+            extra: str = "", clients: dict[str, Any] | None = None) -> Harness:
+    text = three(strategy, weights, extra) + "cache: {backend: off}\n"
+    return Harness(text, mocks=("a", "b", "c"), clients=clients)
+
+
+class Refused:
+    def request(self, method: str, url: str, **kwargs: Any) -> Any:
+        return fail(ierror.ConnectionRefusedError("refused"))
+
+
+def served_by(h: Harness, count: int, **body: Any) -> list[str]:
+    out = []
+    for i in range(count):
+        answer = h.request("POST", "/v1/chat/completions", chat(f"q{i}", **body))
+        assert answer.code == 200, answer.body
+        out.append(answer.header("x-llmproxy-upstream"))
+    return out  # type: ignore[return-value]
+
+
+def test_even_spread_through_the_gateway() -> None:
+    h = gateway()
+    assert Counter(served_by(h, 30)) == {"a": 10, "b": 10, "c": 10}
+    assert [len(h.seen(n)) for n in "abc"] == [10, 10, 10]
+
+
+def test_failover_from_refused_and_500_targets() -> None:
+    h = gateway(clients={"a": Refused()})
+    h.mocks["b"].config = {"status": 500}
+    assert set(served_by(h, 9)) == {"c"}
+    # a and b are now cooling: c serves without any failed attempt first.
+    before = len(h.seen("b"))
+    served_by(h, 3)
+    assert len(h.seen("b")) == before
+
+
+def test_4xx_is_not_retried() -> None:
+    h = gateway("priority")
+    h.mocks["a"].config = {"status": 422}
+    answer = h.request("POST", "/v1/chat/completions", chat())
+    assert answer.code == 422 and answer.header("x-llmproxy-upstream") == "a"
+    assert len(h.seen("b")) == 0 and len(h.seen("c")) == 0
+
+
+def test_every_try_failing_passes_the_last_http_error() -> None:
+    h = gateway("priority")
+    for name in "abc":
+        h.mocks[name].config = {"status": 503}
+    answer = h.request("POST", "/v1/chat/completions", chat())
+    assert answer.code == 503
+    assert answer.json()["error"]["message"] == "mock c failed with 503"
+    assert [len(h.seen(n)) for n in "abc"] == [1, 1, 1]
+
+
+def test_every_try_refused_is_502() -> None:
+    h = gateway(clients={n: Refused() for n in "abc"})
+    answer = h.request("POST", "/v1/chat/completions", chat())
+    assert answer.code == 502 and answer.json()["error"]["code"] == "bad_gateway"
+
+
+def test_hanging_target_times_out_then_fails_over() -> None:
+    h = gateway("priority", extra="")
+    h.mocks["a"].config = {"hang": True}
+    d = h.start("POST", "/v1/chat/completions", chat())
+    h.clock.advance(120)  # first_byte default
+    h.pump()
+    response = h.result(d)
+    assert response.code == 200
+    assert response.headers.getRawHeaders("x-llmproxy-upstream") == ["b"]
+
+
+def test_stream_cut_is_not_retried() -> None:
+    h = gateway("priority")
+    h.mocks["a"].config = {"cut_after": 2}
+    answer = h.request("POST", "/v1/chat/completions", chat(stream=True))
+    assert answer.code == 200 and b"event: error" in answer.body
+    assert len(h.seen("b")) == 0
+
+
+def test_429_with_retry_after_fails_over_and_cools() -> None:
+    h = gateway("priority")
+    h.mocks["a"].config = {"status": 429, "headers": {"Retry-After": "30"}}
+    assert served_by(h, 1) == ["b"]
+    report = h.request("GET", "/health").json()["targets"]["a/up-a"]
+    assert report["state"] == "cooling_down" and report["cooldown_remaining"] == 30
+    assert served_by(h, 3) == ["b", "b", "b"]
+    assert len(h.seen("a")) == 1
+    h.clock.advance(30)
+    h.mocks["a"].config = {}
+    assert served_by(h, 2) == ["a", "a"]
+
+
+def test_affinity_across_follow_ups() -> None:
+    h = gateway()
+    first = h.request("POST", "/v1/responses", {"model": "m1", "input": "start"})
+    owner = first.header("x-llmproxy-upstream")
+    rid = first.json()["id"]
+    for i in range(10):
+        answer = h.request("POST", "/v1/responses", {
+            "model": "m1", "input": f"follow {i}", "previous_response_id": rid,
+        })
+        assert answer.code == 200 and answer.header("x-llmproxy-upstream") == owner
+        rid = answer.json()["id"]
+    assert len(h.seen(owner)) == 11
+
+
+def test_affinity_to_an_unusable_target_is_a_clear_503() -> None:
+    h = gateway(extra="routing: {cooldown: {failures: 1}}\n")
+    first = h.request("POST", "/v1/responses", {"model": "m1", "input": "start"})
+    owner = first.header("x-llmproxy-upstream")
+    rid = first.json()["id"]
+    h.mocks[owner].config = {"status": 500}
+    # Fail the owner once with a fresh request (round robin reaches it in three).
+    for i in range(3):
+        h.request("POST", "/v1/chat/completions", chat(f"x{i}"))
+    answer = h.request("POST", "/v1/responses", {"model": "m1", "input": "again",
+                                                 "previous_response_id": rid})
+    assert answer.code == 503
+    assert rid in answer.json()["error"]["message"]
+    assert h.request("GET", f"/v1/responses/{rid}").code == 503
+
+
+def test_active_health_checks() -> None:
+    from llmproxy.health import ActiveChecker
+
+    h = gateway("priority", extra="routing: {cooldown: {failures: 1, seconds: 300}}\n")
+    h.mocks["a"].config = {"status": 500}
+    checker = ActiveChecker(h.clock, h.gateway.router, h.gateway.pipeline.forwarder, 10, 5)
+    checker.start()
+    h.clock.advance(10)
+    h.pump()
+    assert [r["path"] for r in h.seen("a")] == ["/v1/models"]
+    assert h.gateway.router.health_report()["a/up-a"]["state"] == "cooling_down"
+    h.mocks["a"].config = {}
+    h.clock.advance(10)
+    h.pump()
+    # A passing check lets the target be probed now, not in 300 seconds.
+    assert h.gateway.router.health_report()["a/up-a"]["state"] == "half_open"
+    assert served_by(h, 1) == ["a"]
+    checker.stop()
+
+
+@pytest.mark.parametrize("strategy", ["round_robin", "least_busy", "latency", "random",
+                                      "priority"])
+def test_every_strategy_serves_and_fails_over(strategy: str) -> None:
+    h = gateway(strategy, clients={"b": Refused()})
+    assert "b" not in served_by(h, 12)
