@@ -238,6 +238,7 @@ class Gateway:
     @app.route("/health", methods=["GET"])
     async def health(self, request: IRequest) -> bytes:
         self._begin(request, "health")
+        await self.router.refresh()
         targets = self.router.health_report()
         usable = any(t["state"] != "cooling_down" for t in targets.values())
         ok = usable or not targets
@@ -251,6 +252,7 @@ class Gateway:
         payload = dict(self.metrics.snapshot())
         payload["inflight"] = self.inflight
         payload["cache"] = dict(self.cache.counters, skipped=dict(self.cache.skipped))
+        await self.router.refresh()
         payload["targets"] = self.router.health_report()
         return _json(request, payload)
 

@@ -118,6 +118,11 @@ class Router:
     def usable(self, target: Target) -> bool:
         return self.breaker(target).available(self.reactor.seconds())
 
+    async def refresh(self) -> None:
+        """Read the shared state of every target (for /health and /stats)."""
+        targets = {t.id: t for m in self.models.values() for t in m.targets}
+        await self.health.pull(list(targets.values()), self.breakers)
+
     async def usable_now(self, target: Target) -> bool:
         """Like :meth:`usable`, after reading the shared state."""
         await self.health.pull([target], {target.id: self.breaker(target)})

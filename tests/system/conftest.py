@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.system.procs import Mock, Proxy, upstream_block
+from tests.system.procs import Mock, Proxy, RedisServer, upstream_block
 
 UPSTREAM_KEY = "sk-mock-upstream-secret"
 
@@ -57,3 +57,27 @@ def proxy(tmp_session: Path, mock: Mock) -> Iterator[Proxy]:
 def fresh_mock(mock: Mock) -> Mock:
     mock.reset()
     return mock
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server for one test (chaos tests stop and restart it)."""
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def trio(tmp_session: Path) -> Iterator[dict[str, Mock]]:
+    """Three mock upstreams, a, b and c."""
+    mocks = {name: Mock(tmp_session, name) for name in "abc"}
+    yield mocks
+    for m in mocks.values():
+        m.stop()
+
+
+@pytest.fixture
+def fresh_trio(trio: dict[str, Mock]) -> dict[str, Mock]:
+    for m in trio.values():
+        m.reset()
+    return trio

@@ -190,3 +190,51 @@ def upstream_block(mocks: list[Mock], api_key: str | None = None, extra: str = "
         if extra:
             lines.append(extra)
     return "\n".join(lines) + "\n"
+
+
+class RedisServer:
+    """A private ``redis-server`` on a free port, never the machine's own."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.binary = require_binary("redis-server", "redis-server")
+        self.cli = require_binary("redis-cli", "redis-tools")
+        self.tmp = tmp
+        self.port = free_port()
+        self.process: Process | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.process = Process(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.tmp)],
+            self.tmp / f"redis-{self.port}.log",
+        )
+        wait_for(lambda: self.ping(), what=f"redis-server on port {self.port}")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def ping(self) -> bool:
+        return self.cli_call("PING") == "PONG"
+
+    def cli_call(self, *args: str) -> str:
+        done = subprocess.run(
+            [self.cli, "-p", str(self.port), "--raw", *args], capture_output=True, text=True,
+            timeout=10,
+        )
+        return done.stdout.strip()
+
+    def pause(self) -> None:
+        assert self.process is not None
+        self.process.signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.resume()
+            self.process.stop()
+            self.process = None
