@@ -251,7 +251,7 @@ class Gateway:
         self.auth.check_admin(bearer_token(_headers(request)))
         payload = dict(self.metrics.snapshot())
         payload["inflight"] = self.inflight
-        payload["cache"] = dict(self.cache.counters, skipped=dict(self.cache.skipped))
+        payload["cache"] = self.cache.snapshot()
         await self.router.refresh()
         payload["targets"] = self.router.health_report()
         return _json(request, payload)

@@ -27,6 +27,7 @@ from llmproxy import errors
 from llmproxy.auth import Authenticator, Principal, bearer_token
 from llmproxy.body import check_fields, parse_body, rewrite_body
 from llmproxy.cache import CacheControl, Entry, ResponseCache, cache_key, parse_controls
+from llmproxy.cache.flight import Flight
 from llmproxy.config import Model, Target
 from llmproxy.forwarder import Exchange, Forwarder, UpstreamFailure
 from llmproxy.limits import Limiter
@@ -149,8 +150,22 @@ def _worth_storing(endpoint: str, body: bytes) -> bool:
     return False
 
 
+@attrs.frozen
+class _Exchange:
+    """What one model call needs once it has been authorised and keyed."""
+
+    call: Call
+    model: Model
+    principal: Principal
+    controls: CacheControl
+    key: str | None
+    pinned: Target | None
+
+
 class Pipeline:
     log = Logger()
+    #: Streams larger than this are not recorded for late single-flight joiners.
+    MAX_RECORD = 16 * 1024 * 1024
 
     def __init__(
         self,
@@ -171,6 +186,8 @@ class Pipeline:
         self.cache = cache
         self.namespace = namespace
         self.metrics = metrics
+        self.flights: dict[str, Flight] = {}
+        self.max_record = self.MAX_RECORD
 
     # -- entry points --------------------------------------------------------------
 
@@ -204,26 +221,62 @@ class Pipeline:
         else:
             scope = principal.name if self.cache.scope == "key" else None
             key = cache_key(self.namespace, call.endpoint, model.name, call.payload, scope)
-            if controls.lookup:
-                entry = await self.cache.lookup(key)
-                if entry is not None:
-                    sink.header("x-llmproxy-cache", "hit")
-                    self._replay(entry, sink)
-                    return
-                sink.header("x-llmproxy-cache", "miss")
-            else:
-                sink.header("x-llmproxy-cache", "bypass")
-                self.cache.counters["bypass"] += 1
 
+        exchange = _Exchange(call, model, principal, controls, key, pinned)
+        if key is None or not controls.lookup:
+            if key is not None:
+                sink.header("x-llmproxy-cache", "bypass")  # no-cache: not read, still stored
+                self.cache.counters["bypass"] += 1
+            await self._exchange(exchange, sink)
+            return
+        # An identical request in flight: share its upstream call.
+        if await self._join(key, sink):
+            return
+        entry = await self.cache.lookup(key)
+        if entry is not None:
+            sink.header("x-llmproxy-cache", "hit")
+            self._replay(entry, sink)
+            return
+        if await self._join(key, sink):  # one may have started during the lookup
+            return
+        flight = self.flights[key] = Flight(key, self.max_record)
+        done = flight.follow(sink, {"x-llmproxy-cache": "miss"})
+        flight.task = Deferred.fromCoroutine(self._lead(flight, exchange))
+        flight.task.addBoth(flight.finish)
+        await done
+
+    async def _join(self, key: str, sink: ClientSink) -> bool:
+        flight = self.flights.get(key)
+        if flight is None or not flight.joinable:
+            return False
+        self.cache.counters["coalesced"] += 1
+        await flight.follow(sink, {"x-llmproxy-cache": "hit", "x-llmproxy-coalesced": "1"})
+        return True
+
+    async def _lead(self, flight: Flight, exchange: _Exchange) -> None:
+        """The one upstream call of a flight, owned by no single client."""
+        try:
+            await self._exchange(exchange, flight)
+        finally:
+            if self.flights.get(flight.key) is flight:
+                del self.flights[flight.key]
+
+    async def _exchange(self, exchange: _Exchange, sink: ClientSink) -> None:
+        """Forward, then account the tokens and store the answer if it completed."""
+        call, model, controls, key = exchange.call, exchange.model, exchange.controls, exchange.key
         observer = _Observer(call.endpoint)
-        plan = await self.router.plan(model, pinned)
+        plan = await self.router.plan(model, exchange.pinned)
         stored = await self._forward(call, model, plan, sink, observer)
-        self.limiter.charge_tokens(principal, observer.usage_tokens)
-        self.metrics.tokens(model.name, principal.name, observer.usage_tokens)
-        if key is not None and stored is not None and controls.store and not sink.gone:
+        self.limiter.charge_tokens(exchange.principal, observer.usage_tokens)
+        self.metrics.tokens(model.name, exchange.principal.name, observer.usage_tokens)
+        if key is None or not controls.store:
+            return
+        if stored is None:
+            self.cache.skip("incomplete_or_error")
+        elif sink.gone:
+            self.cache.skip("client_gone")
+        else:
             await self.cache.store(key, stored, controls.ttl)
-        elif key is not None and controls.store:
-            self.cache.skip("incomplete" if stored is None else "client_gone")
 
     async def handle_response_object(self, call: Call, sink: ClientSink) -> None:
         """GET/DELETE /responses/{id}, /cancel, /input_items: to the target that made it."""

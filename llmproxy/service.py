@@ -22,6 +22,7 @@ from llmproxy.affinity import AffinityStore, MemoryAffinity, RedisAffinity
 from llmproxy.app import Gateway
 from llmproxy.auth import Authenticator
 from llmproxy.cache import MemoryBackend, ResponseCache
+from llmproxy.cache.redis import RedisBackend
 from llmproxy.cache.store import CacheBackend
 from llmproxy.config import Config
 from llmproxy.health import ActiveChecker, HealthStore, LocalHealth, RedisHealth
@@ -109,11 +110,14 @@ class HTTPService(Service):
         return Deferred.fromCoroutine(self._stop())
 
 
-def cache_backend(config: Config, reactor: IReactorTime) -> CacheBackend | None:
+def cache_backend(
+    config: Config, reactor: IReactorTime, redis: SharedRedis | None
+) -> CacheBackend | None:
     if config.cache.backend == "memory":
         return MemoryBackend(reactor, config.cache.max_bytes)
     if config.cache.backend == "redis":
-        raise NotImplementedError("the redis cache backend")
+        assert redis is not None, "config validation requires a redis section"
+        return RedisBackend(redis, config.cache.namespace)
     return None
 
 
@@ -160,7 +164,9 @@ def build_gateway(
     router = Router(config, reactor, health=health, affinity=affinity)
     auth = Authenticator(config.auth)
     forwarder = Forwarder(reactor, config.upstreams, clients, Redactor(config.secrets()))
-    cache = ResponseCache(cache_backend(config, reactor), config.cache.ttl, config.cache.scope)
+    cache = ResponseCache(
+        cache_backend(config, reactor, redis), config.cache.ttl, config.cache.scope
+    )
     metrics.add_gauges(
         "llmproxy_cache_events", "Cache lookups and stores by outcome",
         lambda: dict(cache.counters),

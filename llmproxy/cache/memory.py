@@ -51,3 +51,6 @@ class MemoryBackend:
     def _drop(self, key: str) -> None:
         value, _ = self._items.pop(key)
         self.bytes -= len(key) + len(value)
+
+    def stats(self) -> dict[str, int | None]:
+        return {"entries": len(self._items), "bytes": self.bytes}

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Protocol
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 
 from llmproxy.cache.entry import Entry
 
 
 class CacheBackend(Protocol):
-    def get(self, key: str) -> Deferred[bytes | None]: ...
+    """Opaque bytes under a key with a TTL.  Methods return Deferreds or coroutines."""
 
-    def set(self, key: str, value: bytes, ttl: float) -> Deferred[None]: ...
+    def get(self, key: str) -> Awaitable[bytes | None]: ...
 
-    def purge(self) -> Deferred[int]: ...
+    def set(self, key: str, value: bytes, ttl: float) -> Awaitable[None]: ...
+
+    def purge(self) -> Awaitable[int]: ...
+
+    def stats(self) -> dict[str, int | None]: ...
 
 
 class ResponseCache:
@@ -30,7 +35,9 @@ class ResponseCache:
         self.backend = backend
         self.ttl = ttl
         self.scope = scope
-        self.counters = dict.fromkeys(("hits", "misses", "stores", "errors", "bypass"), 0)
+        self.counters = dict.fromkeys(
+            ("hits", "misses", "stores", "errors", "bypass", "coalesced", "stored_bytes"), 0
+        )
         self.skipped: dict[str, int] = {}
 
     @property
@@ -65,8 +72,15 @@ class ResponseCache:
             self.log.failure("cache store failed; answer not cached")
             return
         self.counters["stores"] += 1
+        self.counters["stored_bytes"] += len(entry.body)
 
     async def purge(self) -> int:
         if self.backend is None:
             return 0
         return await self.backend.purge()
+
+    def snapshot(self) -> dict[str, object]:
+        found: dict[str, object] = dict(self.counters, skipped=dict(self.skipped))
+        if self.backend is not None:
+            found.update(self.backend.stats())
+        return found

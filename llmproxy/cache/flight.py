@@ -1,0 +1,177 @@
+"""
+Single-flight: identical requests in flight at once share one upstream call.
+
+A :class:`Flight` is the :class:`~llmproxy.pipeline.ClientSink` its one
+upstream exchange writes to.  It fans every byte out to the clients following
+it and keeps what it has sent, so a client that joins late first receives what
+was already sent (status, headers, events so far) and then the rest live.
+
+The exchange belongs to the flight, not to any one client: when the first
+client hangs up the others are still served, and the upstream is cancelled only
+when nobody is listening any more.  Backpressure is shared: the upstream is
+paused while any follower's connection is backed up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+
+class Sink(Protocol):
+    @property
+    def gone(self) -> bool: ...
+
+    def header(self, name: str, value: str) -> None: ...
+
+    def start(self, status: int, headers: Mapping[str, str]) -> None: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def register_producer(self, producer: IPushProducer) -> None: ...
+
+    def unregister_producer(self) -> None: ...
+
+
+@implementer(IPushProducer)
+class _Follower:
+    """One client of a flight; also the producer registered on its response."""
+
+    def __init__(self, flight: Flight, sink: Sink, headers: Mapping[str, str]) -> None:
+        self.flight = flight
+        self.sink = sink
+        self.headers = dict(headers)
+        self.done: Deferred[None] = Deferred(lambda d: flight.leave(self))
+        self.producing = False
+
+    def pauseProducing(self) -> None:
+        self.flight.pause(self)
+
+    def resumeProducing(self) -> None:
+        self.flight.resume(self)
+
+    def stopProducing(self) -> None:
+        self.flight.leave(self)
+
+
+class Flight:
+    def __init__(self, key: str, max_record: int) -> None:
+        self.key = key
+        self.max_record = max_record
+        self.status: int | None = None
+        self.headers: dict[str, str] = {}
+        self.sent: list[bytes] = []
+        self.size = 0
+        self.joinable = True
+        self.followers: list[_Follower] = []
+        self.upstream: IPushProducer | None = None
+        self.paused_by: set[_Follower] = set()
+        self.task: Deferred[Any] | None = None
+        self.finished = False
+        self.result: Failure | None = None
+        self.joined = 0
+
+    # -- clients -------------------------------------------------------------------
+
+    def follow(self, sink: Sink, headers: Mapping[str, str] | None = None) -> Deferred[None]:
+        """Attach a client; fires when the flight's answer has been fully written."""
+        follower = _Follower(self, sink, headers or {})
+        self.followers.append(follower)
+        self.joined += 1
+        if self.status is not None:
+            sink.start(self.status, {**self.headers, **follower.headers})
+            for chunk in self.sent:
+                sink.write(chunk)
+        if self.upstream is not None:
+            follower.producing = True
+            sink.register_producer(follower)
+        if self.finished:
+            self._settle(follower)
+        return follower.done
+
+    def leave(self, follower: _Follower) -> None:
+        if follower not in self.followers:
+            return
+        self.followers.remove(follower)
+        if follower.producing:
+            follower.producing = False
+            if not follower.sink.gone:
+                follower.sink.unregister_producer()
+        if follower in self.paused_by:
+            self.resume(follower)
+        if not self.followers and not self.finished and self.task is not None:
+            self.task.cancel()  # nobody is listening: close the upstream
+
+    def pause(self, follower: _Follower) -> None:
+        if not self.paused_by and self.upstream is not None:
+            self.upstream.pauseProducing()
+        self.paused_by.add(follower)
+
+    def resume(self, follower: _Follower) -> None:
+        self.paused_by.discard(follower)
+        if not self.paused_by and self.upstream is not None:
+            self.upstream.resumeProducing()
+
+    def finish(self, result: object) -> None:
+        """The exchange is over: release every follower (with its error, if any)."""
+        self.finished = True
+        self.result = result if isinstance(result, Failure) else None
+        for follower in list(self.followers):
+            self._settle(follower)
+
+    def _settle(self, follower: _Follower) -> None:
+        if follower.done.called:
+            return
+        if follower in self.followers:
+            self.followers.remove(follower)
+        if self.result is not None:
+            follower.done.errback(self.result)
+        else:
+            follower.done.callback(None)
+
+    # -- the sink the upstream exchange writes to ------------------------------------
+
+    @property
+    def gone(self) -> bool:
+        return not self.followers
+
+    def header(self, name: str, value: str) -> None:
+        self.headers[name] = value
+
+    def start(self, status: int, headers: Mapping[str, str]) -> None:
+        self.status = status
+        self.headers.update(headers)
+        for follower in self.followers:
+            follower.sink.start(status, {**self.headers, **follower.headers})
+
+    def write(self, data: bytes) -> None:
+        if self.joinable:
+            self.size += len(data)
+            if self.size > self.max_record:
+                # Too big to replay to late joiners: they make their own call.
+                self.joinable = False
+                self.sent = []
+            else:
+                self.sent.append(data)
+        for follower in self.followers:
+            follower.sink.write(data)
+
+    def register_producer(self, producer: IPushProducer) -> None:
+        self.upstream = producer
+        for follower in self.followers:
+            follower.producing = True
+            follower.sink.register_producer(follower)
+
+    def unregister_producer(self) -> None:
+        self.upstream = None
+        self.paused_by.clear()
+        for follower in self.followers:
+            if follower.producing:
+                follower.producing = False
+                if not follower.sink.gone:
+                    follower.sink.unregister_producer()
