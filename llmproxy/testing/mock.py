@@ -14,6 +14,7 @@ from a ``mock`` object in the request body (that request only)::
     status, body, headers   answer with this status / JSON body / extra headers
     delay                   seconds before the response headers
     hang                    never answer (until the client goes away)
+    gate                    wait until ``POST /_mock/release`` (tests line requests up)
     stall_after_headers     send the headers (and ``stall_after`` events), then nothing
     cut_after               close the connection after this many stream events
     interval                seconds between stream events
@@ -27,8 +28,8 @@ from a ``mock`` object in the request body (that request only)::
     text                    the reply text
 
 What it saw is at ``GET /_mock/requests``; counters (requests, streams,
-disconnects, pauses, bytes) at ``GET /_mock/stats``; ``POST /_mock/reset``
-clears both and the config.
+disconnects, pauses, bytes) at ``GET /_mock/stats``; ``POST /_mock/release``
+lets gated requests go; ``POST /_mock/reset`` clears the log, counters and config.
 """
 
 from __future__ import annotations
@@ -205,6 +206,7 @@ class MockUpstream:
         self.config: JSONDict = {}
         self.received: list[JSONDict] = []
         self.responses: dict[str, JSONDict] = {}
+        self.gated: list[Deferred[None]] = []
         self.stats: dict[str, int] = {}
         self.reset()
 
@@ -249,6 +251,10 @@ class MockUpstream:
     def _delay(self, knobs: JSONDict) -> Deferred[None]:
         if knobs.get("hang"):
             return Deferred()  # cancelled by Klein when the client goes away
+        if knobs.get("gate"):
+            gate: Deferred[None] = Deferred(lambda d: self.gated.remove(d))
+            self.gated.append(gate)
+            return gate
         seconds = float(knobs.get("delay", 0))
         if seconds <= 0:
             return succeed(None)
@@ -660,13 +666,22 @@ class MockUpstream:
     @app.route("/_mock/stats", methods=["GET"])
     def counters(self, request: IRequest) -> bytes:
         request.setHeader("content-type", "application/json")
-        return json.dumps(self.stats).encode()
+        return json.dumps(dict(self.stats, gated=len(self.gated))).encode()
 
     @app.route("/_mock/config", methods=["POST"])
     def configure(self, request: IRequest) -> bytes:
         self.config = json.loads(request.content.read() or b"{}")
         request.setHeader("content-type", "application/json")
         return json.dumps(self.config).encode()
+
+    @app.route("/_mock/release", methods=["POST"])
+    def release(self, request: IRequest) -> bytes:
+        """Let every request held by the ``gate`` knob go on."""
+        gated, self.gated = self.gated, []
+        for d in gated:
+            d.callback(None)
+        request.setHeader("content-type", "application/json")
+        return json.dumps({"released": len(gated)}).encode()
 
     @app.route("/_mock/reset", methods=["POST"])
     def clear(self, request: IRequest) -> bytes:
