@@ -8,6 +8,7 @@ from typing import Protocol
 from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 
+from llmproxy import errors
 from llmproxy.cache.entry import Entry
 
 
@@ -77,7 +78,17 @@ class ResponseCache:
     async def purge(self) -> int:
         if self.backend is None:
             return 0
-        return await self.backend.purge()
+        try:
+            return await self.backend.purge()
+        except CancelledError:
+            raise
+        except Exception:
+            self.counters["errors"] += 1
+            self.log.failure("cache purge failed")
+            raise errors.APIError(
+                503, "The cache backend is unavailable; nothing was purged.",
+                type="server_error", code="cache_unavailable",
+            ) from None
 
     def snapshot(self) -> dict[str, object]:
         found: dict[str, object] = dict(self.counters, skipped=dict(self.skipped))

@@ -1,0 +1,230 @@
+"""
+The cache as users run it, against both backends: a real proxy process, a real
+mock upstream, and a private redis-server.  Asserted with upstream request
+counts, recorded bytes, the x-llmproxy-cache header and what Redis holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.system.conftest import UPSTREAM_KEY
+from tests.system.procs import Mock, Proxy, RedisServer, upstream_block, wait_for
+
+MODELS = """
+models:
+  m:
+    targets:
+      - upstream: main
+auth:
+  keys:
+    - {name: team-a, key: key-a}
+    - {name: team-b, key: key-b}
+"""
+
+
+def cache_config(mock: Mock, backend: str, redis: RedisServer | None, extra: str = "") -> str:
+    text = upstream_block([mock], api_key=UPSTREAM_KEY) + MODELS + f"cache: {{backend: {backend}, max_bytes: 200000}}\n"
+    if redis is not None:
+        text += f"redis: {{url: '{redis.url}', timeout: 0.25}}\n"
+    return text + extra
+
+
+@pytest.fixture(params=["memory", "redis"])
+def cached_proxy(request: pytest.FixtureRequest, tmp_path: Path, fresh_mock: Mock
+                 ) -> Iterator[tuple[Proxy, RedisServer | None]]:
+    redis = RedisServer(tmp_path) if request.param == "redis" else None
+    proxy = Proxy(tmp_path, cache_config(fresh_mock, request.param, redis))
+    yield proxy, redis
+    proxy.stop()
+    if redis is not None:
+        redis.stop()
+
+
+def post(proxy: Proxy, body: dict[str, object], key: str = "key-a",
+         headers: dict[str, str] | None = None, path: str = "/v1/chat/completions"
+         ) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+    conn.request("POST", path, json.dumps(body),
+                 {"Authorization": f"Bearer {key}", "Content-Type": "application/json",
+                  **(headers or {})})
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    assert response.status == 200, data
+    return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+
+
+def stats(proxy: Proxy) -> dict[str, dict[str, int]]:
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
+    conn.request("GET", "/stats")
+    return json.loads(conn.getresponse().read())  # type: ignore[no-any-return]
+
+
+def chat(text: str, **extra: object) -> dict[str, object]:
+    return {"model": "m", "messages": [{"role": "user", "content": text}], **extra}
+
+
+def test_basic_caching(cached_proxy, fresh_mock: Mock) -> None:  # type: ignore[no-untyped-def]
+    proxy, redis = cached_proxy
+    first = post(proxy, chat("cache me"))
+    second = post(proxy, chat("cache me"))
+    assert first[1]["x-llmproxy-cache"] == "miss" and second[1]["x-llmproxy-cache"] == "hit"
+    assert second[2] == first[2] and len(fresh_mock.requests()) == 1
+    # The SDK reads the hit like any answer.
+    client = openai.OpenAI(base_url=proxy.base_url, api_key="key-a", max_retries=0)
+    answer = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "cache me"}]
+    )
+    assert answer.choices[0].message.content == "Hello from main! You said: cache me"
+    if redis is not None:
+        keys = redis.cli_call("--scan", "--pattern", "llmproxy:cache:*").split()
+        assert len(keys) == 1
+        assert 0 < int(redis.cli_call("TTL", keys[0])) <= 3600
+
+
+def test_changed_temperature_misses_reordered_keys_hit(cached_proxy, fresh_mock: Mock) -> None:  # type: ignore[no-untyped-def]
+    proxy, _ = cached_proxy
+    post(proxy, {"model": "m", "temperature": 0.5, "messages": [{"role": "user",
+                                                                 "content": "t"}]})
+    reordered = post(proxy, {"messages": [{"content": "t", "role": "user"}],
+                             "temperature": 0.5, "model": "m"})
+    assert reordered[1]["x-llmproxy-cache"] == "hit"
+    changed = post(proxy, {"model": "m", "temperature": 0.6, "messages": [{"role": "user",
+                                                                           "content": "t"}]})
+    assert changed[1]["x-llmproxy-cache"] == "miss"
+    assert len(fresh_mock.requests()) == 2
+
+
+def test_streaming_caching(cached_proxy, fresh_mock: Mock) -> None:  # type: ignore[no-untyped-def]
+    proxy, _ = cached_proxy
+    body = chat("stream", stream=True, stream_options={"include_usage": True})
+    first = post(proxy, body)
+    second = post(proxy, body)
+    assert second[1]["x-llmproxy-cache"] == "hit" and second[2] == first[2]
+    assert second[2].endswith(b"data: [DONE]\n\n") and b'"choices":[]' in second[2]
+    assert second[1]["content-type"] == first[1]["content-type"] == \
+        "text/event-stream; charset=utf-8"
+    assert len(fresh_mock.requests()) == 1
+    # And the SDK streams the hit.
+    client = openai.OpenAI(base_url=proxy.base_url, api_key="key-a", max_retries=0)
+    chunks = list(client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "stream"}], stream=True,
+        stream_options={"include_usage": True},
+    ))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+        "Hello from main! You said: stream"
+    assert len(fresh_mock.requests()) == 1
+
+
+def test_responses_streaming_caching(cached_proxy, fresh_mock: Mock) -> None:  # type: ignore[no-untyped-def]
+    proxy, _ = cached_proxy
+    body = {"model": "m", "input": "typed", "stream": True}
+    first = post(proxy, body, path="/v1/responses")
+    second = post(proxy, body, path="/v1/responses")
+    assert second[1]["x-llmproxy-cache"] == "hit"
+    assert second[2] == first[2]
+    assert second[2].startswith(b"event: response.created\n")
+    assert b"event: response.completed\n" in second[2]
+    assert len(fresh_mock.requests()) == 1
+
+
+def test_controls(cached_proxy, fresh_mock: Mock) -> None:  # type: ignore[no-untyped-def]
+    proxy, _ = cached_proxy
+    post(proxy, chat("ctl"))
+    assert post(proxy, chat("ctl"), headers={"Cache-Control": "no-cache"})[1][
+        "x-llmproxy-cache"] == "bypass"
+    assert len(fresh_mock.requests()) == 2
+    post(proxy, chat("nostore"), headers={"Cache-Control": "no-store"})
+    assert post(proxy, chat("nostore"))[1]["x-llmproxy-cache"] == "miss"
+    post(proxy, chat("body", cache={"no-store": True}))
+    assert post(proxy, chat("body"))[1]["x-llmproxy-cache"] == "miss"
+    assert all("cache" not in json.loads(r["body"]) for r in fresh_mock.requests())
+
+
+def test_scope_isolation(cached_proxy, fresh_mock: Mock) -> None:  # type: ignore[no-untyped-def]
+    proxy, _ = cached_proxy
+    post(proxy, chat("mine"), key="key-a")
+    assert post(proxy, chat("mine"), key="key-b")[1]["x-llmproxy-cache"] == "miss"
+    assert post(proxy, chat("mine"), key="key-a")[1]["x-llmproxy-cache"] == "hit"
+    assert len(fresh_mock.requests()) == 2
+
+
+def test_cut_and_abandoned_streams_are_not_stored(cached_proxy, fresh_mock: Mock) -> None:  # type: ignore[no-untyped-def]
+    proxy, redis = cached_proxy
+    body = chat("cut", stream=True, mock={"cut_after": 2})
+    assert b"event: error" in post(proxy, body)[2]
+    assert post(proxy, body)[1]["x-llmproxy-cache"] == "miss"
+    abandoned = chat("abandon", stream=True, mock={"stall_after_headers": True,
+                                                   "stall_after": 2})
+    data = json.dumps(abandoned).encode()
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer key-a"
+                 b"\r\nContent-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+    wait_for(lambda: fresh_mock.stats()["streams"] == 3, what="the abandoned stream to start")
+    sock.close()
+    wait_for(lambda: fresh_mock.stats()["disconnects"] == 1, what="upstream closed")
+    assert stats(proxy)["cache"]["stores"] == 0
+    if redis is not None:
+        assert redis.cli_call("--scan", "--pattern", "llmproxy:cache:*") == ""
+
+
+def test_concurrent_identical_requests_share_one_call(cached_proxy, fresh_mock: Mock) -> None:  # type: ignore[no-untyped-def]
+    proxy, _ = cached_proxy
+
+    async def run(stream: bool) -> list[str]:
+        client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="key-a", max_retries=0)
+
+        async def one() -> str:
+            if stream:
+                chunks = await client.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": f"together {stream}"}],
+                    stream=True, extra_body={"mock": {"gate": True}},
+                )
+                return "".join([c.choices[0].delta.content or "" async for c in chunks
+                                if c.choices])
+            answer = await client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": f"together {stream}"}],
+                extra_body={"mock": {"gate": True}},
+            )
+            return answer.choices[0].message.content or ""
+
+        tasks = [asyncio.ensure_future(one()) for _ in range(10)]
+
+        def coalesced() -> bool:
+            return stats(proxy)["cache"]["coalesced"] >= (9 if not stream else 18)
+
+        deadline = asyncio.get_running_loop().time() + 20
+        while not (fresh_mock.stats()["gated"] == 1 and coalesced()):
+            assert asyncio.get_running_loop().time() < deadline, "requests did not line up"
+            await asyncio.sleep(0.01)
+        fresh_mock._call("POST", "/_mock/release", {})
+        return await asyncio.gather(*tasks)
+
+    for stream in (False, True):
+        before = len(fresh_mock.requests())
+        answers = asyncio.run(run(stream))
+        assert answers == [f"Hello from main! You said: together {stream}"] * 10
+        assert len(fresh_mock.requests()) == before + 1
+
+
+def test_purge(cached_proxy, fresh_mock: Mock) -> None:  # type: ignore[no-untyped-def]
+    proxy, redis = cached_proxy
+    for i in range(3):
+        post(proxy, chat(f"purge {i}"))
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
+    conn.request("DELETE", "/cache")
+    response = conn.getresponse()
+    assert response.status == 200 and json.loads(response.read()) == {"purged": 3}
+    assert post(proxy, chat("purge 0"))[1]["x-llmproxy-cache"] == "miss"
+    if redis is not None:
+        assert len(redis.cli_call("--scan", "--pattern", "llmproxy:cache:*").split()) == 1

@@ -1,0 +1,82 @@
+"""
+Redis trouble is a cache miss, never a failed request: a private redis-server
+is paused (SIGSTOP), killed and restarted under a running proxy; and two proxy
+processes share one Redis.
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.system.procs import Mock, Proxy, RedisServer, wait_for
+from tests.system.test_cache import cache_config, chat, post, stats
+
+_unique = itertools.count()
+
+
+@pytest.fixture
+def redis_proxy(tmp_path: Path, fresh_mock: Mock, redis_server: RedisServer
+                ) -> Iterator[Proxy]:
+    proxy = Proxy(tmp_path, cache_config(fresh_mock, "redis", redis_server))
+    yield proxy
+    proxy.stop()
+
+
+def caching_works(proxy: Proxy) -> bool:
+    body = chat(f"probe {next(_unique)}")
+    post(proxy, body)
+    return post(proxy, body)[1]["x-llmproxy-cache"] == "hit"
+
+
+def test_two_proxies_share_entries(tmp_path: Path, fresh_mock: Mock,
+                                   redis_server: RedisServer) -> None:
+    text = cache_config(fresh_mock, "redis", redis_server)
+    first, second = Proxy(tmp_path, text, "p1"), Proxy(tmp_path, text, "p2")
+    try:
+        body = chat("shared", stream=True)
+        made = post(first, body)
+        again = post(second, body)
+        assert again[1]["x-llmproxy-cache"] == "hit" and again[2] == made[2]
+        assert len(fresh_mock.requests()) == 1
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_paused_redis_is_a_miss(redis_proxy: Proxy, fresh_mock: Mock,
+                                redis_server: RedisServer) -> None:
+    assert caching_works(redis_proxy)
+    redis_server.pause()
+    try:
+        for i in range(3):
+            status, headers, body = post(redis_proxy, chat(f"while paused {i}"))
+            assert status == 200 and headers["x-llmproxy-cache"] == "miss"
+            assert body.count(b"while paused") == 1
+        assert stats(redis_proxy)["cache"]["errors"] >= 1
+    finally:
+        redis_server.resume()
+    wait_for(lambda: caching_works(redis_proxy), what="caching to resume")
+
+
+def test_killed_and_restarted_redis(redis_proxy: Proxy, fresh_mock: Mock,
+                                    redis_server: RedisServer) -> None:
+    assert caching_works(redis_proxy)
+    redis_server.stop()
+    for i in range(3):
+        status, headers, _ = post(redis_proxy, chat(f"while down {i}"))
+        assert status == 200 and headers["x-llmproxy-cache"] == "miss"
+    status, _, body = post(redis_proxy, chat("stream while down", stream=True))
+    assert status == 200 and body.endswith(b"data: [DONE]\n\n")
+    conn = http.client.HTTPConnection("127.0.0.1", redis_proxy.port, timeout=10)
+    conn.request("DELETE", "/cache")
+    purge = conn.getresponse()
+    assert purge.status == 503
+    assert json.loads(purge.read())["error"]["code"] == "cache_unavailable"
+    redis_server.start()  # same port, empty: the proxy reconnects on its own
+    wait_for(lambda: caching_works(redis_proxy), timeout=30, what="caching to resume")
