@@ -58,11 +58,11 @@ class RedisAffinity:
 
     async def remember(self, response_id: str, target: Target) -> None:
         await self.local.remember(response_id, target)
-        value = json.dumps({"upstream": target.upstream, "model": target.model,
-                            "weight": target.weight})
+        value = json.dumps(
+            {"upstream": target.upstream, "model": target.model, "weight": target.weight}
+        )
         try:
-            await self.redis.call("set", self.key(response_id), value,
-                                  expire=int(self.local.ttl))
+            await self.redis.call("set", self.key(response_id), value, expire=int(self.local.ttl))
         except RedisUnavailable:
             return
 

@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IRequest
+from twisted.web.server import Request as IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from llmproxy import errors
@@ -94,7 +94,7 @@ def _json(request: IRequest, payload: object, status: int = 200) -> bytes:
     return json.dumps(payload).encode("utf-8")
 
 
-Handler = Callable[[Any, IRequest], Awaitable[Any]]
+Handler = Callable[..., Awaitable[Any]]
 
 
 def client_route(app: Klein, path: str, methods: list[str]) -> Callable[[Handler], Handler]:
@@ -276,8 +276,8 @@ class Gateway:
         request_id(request)
         if getattr(request, "startedWriting", False):
             # Headers are gone: the only honest signal left is in the body.
-            ctype = request.responseHeaders.getRawHeaders("content-type") or [b""]
-            if b"event-stream" in (ctype[0] if isinstance(ctype[0], bytes) else ctype[0].encode()):
+            ctype = request.responseHeaders.getRawHeaders(b"content-type") or [b""]
+            if b"event-stream" in ctype[0]:
                 return error.sse_event()
             return b""
         request.setResponseCode(error.status)
@@ -287,16 +287,16 @@ class Gateway:
         return error.body()
 
     @app.handle_errors(errors.APIError)
-    def api_error(self, request: IRequest, failure: Failure) -> bytes:
+    def api_error(self, request: Any, failure: Failure) -> bytes:
         return self._render_error(request, failure.value)
 
     @app.handle_errors(NotFound)
-    def not_found(self, request: IRequest, failure: Failure) -> bytes:
+    def not_found(self, request: Any, failure: Failure) -> bytes:
         path = request.path.decode("utf-8", "replace")
         return self._render_error(request, errors.route_not_found(path))
 
     @app.handle_errors(MethodNotAllowed)
-    def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
+    def method_not_allowed(self, request: Any, failure: Failure) -> bytes:
         error = errors.method_not_allowed(
             request.method.decode("ascii", "replace"),
             request.path.decode("utf-8", "replace"),
@@ -305,7 +305,7 @@ class Gateway:
         return self._render_error(request, error)
 
     @app.handle_errors(Exception)
-    def unexpected(self, request: IRequest, failure: Failure) -> bytes:
+    def unexpected(self, request: Any, failure: Failure) -> bytes:
         rid = request_id(request)
         self.log.failure("request {request_id} failed", failure, request_id=rid)
         return self._render_error(request, errors.internal(rid))

@@ -47,9 +47,7 @@ def bearer_token(headers: Mapping[str, str]) -> str | None:
 
 class Authenticator:
     def __init__(self, auth: Auth) -> None:
-        self._by_digest = {
-            (k.key_sha256 or _digest(k.key or "")): k for k in auth.keys
-        }
+        self._by_digest = {(k.key_sha256 or _digest(k.key or "")): k for k in auth.keys}
         self._admin = tuple(_digest(a) for a in auth.admin_keys)
 
     @property

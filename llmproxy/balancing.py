@@ -105,8 +105,9 @@ class Priority:
         return candidates[0]
 
 
-def make_strategy(name: str, inflight: InflightOf, latency: LatencyOf,
-                  rng: random.Random) -> Strategy:
+def make_strategy(
+    name: str, inflight: InflightOf, latency: LatencyOf, rng: random.Random
+) -> Strategy:
     if name == "round_robin":
         return RoundRobin()
     if name == "least_busy":

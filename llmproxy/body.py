@@ -51,9 +51,7 @@ def check_fields(body: dict[str, Any], require_model: bool = True) -> str | None
         raise errors.bad_request("'model' must be a non-empty string", param="model")
     for name, types in _TYPES.items():
         if name in body and body[name] is not None and not isinstance(body[name], types):
-            raise errors.bad_request(
-                f"'{name}' must be {_TYPE_NAMES[types[0]]}", param=name
-            )
+            raise errors.bad_request(f"'{name}' must be {_TYPE_NAMES[types[0]]}", param=name)
     return model
 
 
@@ -65,7 +63,7 @@ def _members(text: str) -> list[tuple[str, int, int, int]]:
         i += 1
     assert text[i] == "{"
     i += 1
-    found = []
+    found: list[tuple[str, int, int, int]] = []
     while True:
         while text[i] in _WS:
             i += 1

@@ -98,9 +98,7 @@ class HealthChecks:
 @attrs.frozen
 class Routing:
     retries: int = 2
-    retry_on: frozenset[str | int] = frozenset(
-        {"connect", "timeout", 429, 500, 502, 503, 504}
-    )
+    retry_on: frozenset[str | int] = frozenset({"connect", "timeout", 429, 500, 502, 503, 504})
     cooldown: Cooldown = Cooldown()
     health_checks: HealthChecks | None = None
     affinity_ttl: float = 7 * 24 * 3600.0
@@ -327,9 +325,15 @@ def _timeouts(raw: object, path: str) -> Timeouts:
     )
 
 
+def _open_section(raw: object, path: str) -> _Section:
+    """A mapping whose keys are the user's to choose (e.g. extra headers)."""
+    keys = tuple(map(str, raw)) if isinstance(raw, dict) else ()
+    return _Section(raw, path, keys)
+
+
 def _upstream(name: str, raw: object, path: str) -> Upstream:
     s = _Section(raw, path, ("base_url", "api_key", "headers", "max_connections", "timeouts"))
-    headers_raw = s.get("headers", lambda v, p: _Section(v, p, tuple(map(str, v or ()))), None)
+    headers_raw = s.get("headers", _open_section, None)
     headers: dict[str, str] = {}
     if headers_raw is not None:
         for key, value in headers_raw.raw.items():
@@ -417,9 +421,7 @@ def _health_checks(raw: object, path: str) -> HealthChecks:
 
 
 def _routing(raw: object, path: str) -> Routing:
-    s = _Section(
-        raw, path, ("retries", "retry_on", "cooldown", "health_checks", "affinity_ttl")
-    )
+    s = _Section(raw, path, ("retries", "retry_on", "cooldown", "health_checks", "affinity_ttl"))
     d = Routing()
     return Routing(
         retries=s.get("retries", _integer(0), d.retries),
@@ -492,14 +494,16 @@ def _auth(raw: object, path: str, models: Mapping[str, Model]) -> Auth:
     s = _Section(raw, path, ("keys", "admin_keys"))
     keys_path = s.path_of("keys")
     keys = tuple(
-        _api_key(k, f"{keys_path}[{i}]", models) for i, k in enumerate(s.get("keys", _list, []))
+        _api_key(k, f"{keys_path}[{i}]", models)
+        for i, k in enumerate(s.get("keys", _list, list[Any]()))
     )
     seen: dict[str, int] = {}
     for i, k in enumerate(keys):
         if k.name in seen:
             raise ConfigError(f"{keys_path}[{i}].name", f"duplicate key name '{k.name}'")
         seen[k.name] = i
-    admin = tuple(a for a in s.get("admin_keys", _strings, ()) if a)
+    none: tuple[str, ...] = ()
+    admin = tuple(a for a in s.get("admin_keys", _strings, none) if a)
     return Auth(keys=keys, admin_keys=admin)
 
 
@@ -525,9 +529,7 @@ def _named(raw: object, path: str) -> dict[str, Any]:
 _TOP = ("listen", "server", "upstreams", "models", "routing", "redis", "cache", "auth")
 
 
-def parse_config(
-    raw: object, environ: Mapping[str, str] | None = None, source: str = ""
-) -> Config:
+def parse_config(raw: object, environ: Mapping[str, str] | None = None, source: str = "") -> Config:
     """Validate a raw YAML tree (already loaded) into a :class:`Config`."""
     env = os.environ if environ is None else environ
     tree = _expand_tree(raw, "", env)

@@ -82,9 +82,7 @@ def method_not_allowed(method: str, path: str, allowed: list[str]) -> APIError:
 
 
 def too_large(limit: int) -> APIError:
-    return APIError(
-        413, f"Request body is larger than {limit} bytes", code="request_too_large"
-    )
+    return APIError(413, f"Request body is larger than {limit} bytes", code="request_too_large")
 
 
 def rate_limited(message: str, retry_after: float) -> APIError:

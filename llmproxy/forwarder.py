@@ -18,10 +18,12 @@ upstream read (backpressure), and closed at once when the exchange is cancelled.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from http.cookiejar import CookieJar, DefaultCookiePolicy
+from http.cookiejar import DefaultCookiePolicy
 from typing import Any, Protocol
 
 import attrs
+from treq.client import HTTPClient
+from treq.cookies import IndexableCookieJar
 from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, succeed
 from twisted.internet.defer import TimeoutError as DeferTimeoutError
@@ -38,7 +40,6 @@ from twisted.web.client import (
 )
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer
-from treq.client import HTTPClient
 from zope.interface import implementer
 
 from llmproxy import errors
@@ -58,7 +59,7 @@ class UpstreamClient(Protocol):
     def request(self, method: str, url: str, **kwargs: Any) -> Deferred[Any]: ...
 
 
-class NoCookies(CookieJar):
+class NoCookies(IndexableCookieJar):
     """A cookie jar that keeps nothing: a shared jar would leak between tenants."""
 
     def __init__(self) -> None:
@@ -252,7 +253,9 @@ class Exchange:
         for name in RESPONSE_HEADERS:
             value = self.headers.getRawHeaders(name)
             if value:
-                found[name] = value[0].decode("latin-1") if isinstance(value[0], bytes) else value[0]
+                found[name] = (
+                    value[0].decode("latin-1") if isinstance(value[0], bytes) else value[0]
+                )
         return found
 
     def _remaining(self) -> float:
@@ -308,12 +311,11 @@ class Forwarder:
         self.clients = clients
         self.redact = redactor
         # Twisted's pool caps idle connections, not concurrent ones: this does.
-        self.slots = {
-            name: DeferredSemaphore(u.max_connections) for name, u in upstreams.items()
-        }
+        self.slots = {name: DeferredSemaphore(u.max_connections) for name, u in upstreams.items()}
 
-    def build_headers(self, upstream: Upstream, client: Mapping[str, str], request_id: str,
-                      has_body: bool) -> dict[str, list[str]]:
+    def build_headers(
+        self, upstream: Upstream, client: Mapping[str, str], request_id: str, has_body: bool
+    ) -> dict[str, list[str]]:
         headers: dict[str, list[str]] = {}
         for name in REQUEST_HEADERS:
             if name in client:
@@ -435,14 +437,15 @@ class Forwarder:
             retry_after=parse_retry_after(response.headers),
         )
 
-
     async def probe(self, name: str, path: str, timeout: float) -> bool:
         """An active health check: does ``GET {base_url}{path}`` answer 2xx in time?"""
         upstream = self.upstreams[name]
         request = self.clients[name].request(
-            "GET", upstream.base_url + path,
+            "GET",
+            upstream.base_url + path,
             headers=self.build_headers(upstream, {}, "health-check", False),
-            unbuffered=True, allow_redirects=False,
+            unbuffered=True,
+            allow_redirects=False,
         )
         try:
             response = await request.addTimeout(timeout, self.reactor)

@@ -82,8 +82,9 @@ class HealthStore(Protocol):
 
     async def pull(self, targets: Sequence[Target], breakers: Mapping[str, Breaker]) -> None: ...
 
-    async def failed(self, target: Target, breaker: Breaker, now: float,
-                     retry_after: float | None, probe: bool) -> None: ...
+    async def failed(
+        self, target: Target, breaker: Breaker, now: float, retry_after: float | None, probe: bool
+    ) -> None: ...
 
     async def succeeded(self, target: Target) -> None: ...
 
@@ -96,8 +97,9 @@ class LocalHealth:
     async def pull(self, targets: Sequence[Target], breakers: Mapping[str, Breaker]) -> None:
         return None
 
-    async def failed(self, target: Target, breaker: Breaker, now: float,
-                     retry_after: float | None, probe: bool) -> None:
+    async def failed(
+        self, target: Target, breaker: Breaker, now: float, retry_after: float | None, probe: bool
+    ) -> None:
         return None
 
     async def succeeded(self, target: Target) -> None:
@@ -173,11 +175,19 @@ class RedisHealth:
             breaker.trips = int(trips or 0)
             breaker.open_until = open_until
 
-    async def failed(self, target: Target, breaker: Breaker, now: float,
-                     retry_after: float | None, probe: bool) -> None:
+    async def failed(
+        self, target: Target, breaker: Breaker, now: float, retry_after: float | None, probe: bool
+    ) -> None:
         c = self.cooldown
-        args = [f"{now:.3f}", c.failures, c.seconds, c.max_seconds,
-                -1 if retry_after is None else retry_after, 1 if probe else 0, self.ttl]
+        args = [
+            f"{now:.3f}",
+            c.failures,
+            c.seconds,
+            c.max_seconds,
+            -1 if retry_after is None else retry_after,
+            1 if probe else 0,
+            self.ttl,
+        ]
         try:
             row = await self.redis.call("eval", _FAIL, [self.key(target)], args)
         except RedisUnavailable:
@@ -196,7 +206,10 @@ class RedisHealth:
     async def claim_probe(self, target: Target, ttl: float) -> bool:
         try:
             got = await self.redis.call(
-                "set", self.probe_key(target), b"1", pexpire=int(ttl * 1000),
+                "set",
+                self.probe_key(target),
+                b"1",
+                pexpire=int(ttl * 1000),
                 only_if_not_exists=True,
             )
         except RedisUnavailable:
@@ -230,8 +243,9 @@ class ActiveChecker:
 
     log = Logger()
 
-    def __init__(self, reactor: IReactorTime, router: Any, forwarder: Any, interval: float,
-                 timeout: float) -> None:
+    def __init__(
+        self, reactor: IReactorTime, router: Any, forwarder: Any, interval: float, timeout: float
+    ) -> None:
         self.reactor = reactor
         self.router = router
         self.forwarder = forwarder

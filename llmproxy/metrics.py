@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter as PromCounter, Gauge, Histogram
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client import Counter as PromCounter
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -20,19 +20,28 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._requests = PromCounter(
-            "llmproxy_requests", "Client requests answered", ["endpoint", "status"],
+            "llmproxy_requests",
+            "Client requests answered",
+            ["endpoint", "status"],
             registry=self.registry,
         )
         self._attempts = PromCounter(
-            "llmproxy_upstream_attempts", "Upstream attempts by outcome",
-            ["upstream", "outcome"], registry=self.registry,
+            "llmproxy_upstream_attempts",
+            "Upstream attempts by outcome",
+            ["upstream", "outcome"],
+            registry=self.registry,
         )
         self._ttfb = Histogram(
-            "llmproxy_upstream_ttfb_seconds", "Time to upstream response headers",
-            ["upstream"], buckets=LATENCY_BUCKETS, registry=self.registry,
+            "llmproxy_upstream_ttfb_seconds",
+            "Time to upstream response headers",
+            ["upstream"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self._tokens = PromCounter(
-            "llmproxy_tokens", "Tokens reported by upstream usage", ["model", "key"],
+            "llmproxy_tokens",
+            "Tokens reported by upstream usage",
+            ["model", "key"],
             registry=self.registry,
         )
         self.inflight = Gauge(
@@ -41,7 +50,7 @@ class Metrics:
         self.requests: Counter[str] = Counter()
         self.attempts: Counter[str] = Counter()
         self.tokens_total = 0
-        self.ttfb_sum: Counter[str] = Counter()
+        self.ttfb_sum: dict[str, float] = {}
         self.ttfb_count: Counter[str] = Counter()
         self._collectors: list[Callable[[], None]] = []
 
@@ -49,14 +58,15 @@ class Metrics:
         self._requests.labels(endpoint, str(status)).inc()
         self.requests[str(status)] += 1
 
-    def attempt(self, upstream: str, outcome: str, status: int | None,
-                ttfb: float | None = None) -> None:
+    def attempt(
+        self, upstream: str, outcome: str, status: int | None, ttfb: float | None = None
+    ) -> None:
         label = outcome if status is None or outcome == "ok" else f"{outcome}_{status}"
         self._attempts.labels(upstream, label).inc()
         self.attempts[f"{upstream}:{label}"] += 1
         if ttfb is not None:
             self._ttfb.labels(upstream).observe(ttfb)
-            self.ttfb_sum[upstream] += ttfb
+            self.ttfb_sum[upstream] = self.ttfb_sum.get(upstream, 0.0) + ttfb
             self.ttfb_count[upstream] += 1
 
     def tokens(self, model: str, key: str, count: int) -> None:

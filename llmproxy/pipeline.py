@@ -331,7 +331,12 @@ class Pipeline:
             started = self.reactor.seconds()
             try:
                 exchange = await self.forwarder.open(
-                    target, call.method, call.path, body, call.headers, call.request_id,
+                    target,
+                    call.method,
+                    call.path,
+                    body,
+                    call.headers,
+                    call.request_id,
                     call.query,
                 )
                 ttfb = self.reactor.seconds() - started
@@ -497,4 +502,3 @@ def _is_event_stream(exchange: Exchange) -> bool:
     value = exchange.headers.getRawHeaders("content-type") or [""]
     text = value[0].decode() if isinstance(value[0], bytes) else value[0]
     return text.split(";")[0].strip().lower() == "text/event-stream"
-

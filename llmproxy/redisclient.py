@@ -45,8 +45,9 @@ class SharedRedis:
     #: After a failure, fail fast this long before trying Redis again.
     BACKOFF = 0.5
 
-    def __init__(self, reactor: IReactorTime, url: str, timeout: float,
-                 connection: Any = None) -> None:
+    def __init__(
+        self, reactor: IReactorTime, url: str, timeout: float, connection: Any = None
+    ) -> None:
         self.reactor = reactor
         self.url = url
         self.timeout = timeout
@@ -111,7 +112,8 @@ class SharedRedis:
         self.errors += 1
         self._down_until = self.reactor.seconds() + min(self.BACKOFF, self.timeout * 2)
         self.log.warn(
-            "redis {command} failed ({error}); degrading", command=command,
+            "redis {command} failed ({error}); degrading",
+            command=command,
             error=type(error).__name__,
         )
         raise RedisUnavailable(type(error).__name__) from None

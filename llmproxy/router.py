@@ -140,7 +140,8 @@ class Router:
         while True:
             now = self.reactor.seconds()
             left = [
-                t for t in model.targets
+                t
+                for t in model.targets
                 if t not in exclude and t not in skipped and self.breaker(t).available(now)
             ]
             primary = [t for t in left if t.weight > 0]
@@ -199,7 +200,9 @@ class Router:
         if breaker.open_until > now:
             self.log.warn(
                 "{target} cooling down for {seconds:.1f}s after {failure}",
-                target=target.id, seconds=breaker.open_until - now, failure=str(failure),
+                target=target.id,
+                seconds=breaker.open_until - now,
+                failure=str(failure),
             )
 
     async def checked(self, upstream: str, ok: bool) -> None:
@@ -243,7 +246,8 @@ class Router:
                     "state": state,
                     "cooling_until": breaker.open_until if state == "cooling_down" else None,
                     "cooldown_remaining": round(max(0.0, breaker.open_until - now), 3)
-                    if state == "cooling_down" else 0.0,
+                    if state == "cooling_down"
+                    else 0.0,
                     "inflight": self.inflight.get(target.id, 0),
                     "consecutive_failures": breaker.failures,
                     "ttfb_ewma": self.ttfb.get(target.id),

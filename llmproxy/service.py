@@ -13,7 +13,8 @@ from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, DeferredList, TimeoutError as DeferTimeoutError
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import TimeoutError as DeferTimeoutError
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -25,8 +26,8 @@ from llmproxy.cache import MemoryBackend, ResponseCache
 from llmproxy.cache.redis import RedisBackend
 from llmproxy.cache.store import CacheBackend
 from llmproxy.config import Config
-from llmproxy.health import ActiveChecker, HealthStore, LocalHealth, RedisHealth
 from llmproxy.forwarder import Forwarder, Redactor, UpstreamClient, upstream_client
+from llmproxy.health import ActiveChecker, HealthStore, LocalHealth, RedisHealth
 from llmproxy.limits import MemoryLimiter
 from llmproxy.metrics import Metrics
 from llmproxy.pipeline import Pipeline
@@ -47,7 +48,7 @@ class UpstreamsService(Service):
             pool.retryAutomatically = False  # a retry is the router's decision
             agent = Agent(reactor, connectTimeout=upstream.timeouts.connect, pool=pool)
             self.pools[name] = pool
-            self.clients[name] = upstream_client(agent)
+            self.clients[name] = upstream_client(agent)  # type: ignore[assignment]
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
@@ -58,8 +59,12 @@ class HTTPService(Service):
     log = Logger()
 
     def __init__(
-        self, reactor: IReactorTime, listen: tuple[str, ...], site: GatewaySite,
-        gateway: Gateway, drain_seconds: float,
+        self,
+        reactor: IReactorTime,
+        listen: tuple[str, ...],
+        site: GatewaySite,
+        gateway: Gateway,
+        drain_seconds: float,
     ) -> None:
         self.reactor = reactor
         self.listen = listen
@@ -91,7 +96,7 @@ class HTTPService(Service):
         reactor.stop()  # type: ignore[attr-defined]
 
     async def _stop(self) -> None:
-        await DeferredList([p.stopListening() for p in self.ports])
+        await DeferredList([maybeDeferred(p.stopListening) for p in self.ports])
         self.ports = []
         if self.gateway.inflight:
             self.log.info(
@@ -102,8 +107,9 @@ class HTTPService(Service):
             try:
                 await self.gateway.idle().addTimeout(self.drain_seconds, self.reactor)
             except DeferTimeoutError:
-                self.log.warn("drain timed out with {count} requests in flight",
-                              count=self.gateway.inflight)
+                self.log.warn(
+                    "drain timed out with {count} requests in flight", count=self.gateway.inflight
+                )
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -150,7 +156,9 @@ class HealthCheckService(Service):
 
 
 def build_gateway(
-    config: Config, reactor: IReactorTime, clients: dict[str, UpstreamClient],
+    config: Config,
+    reactor: IReactorTime,
+    clients: dict[str, UpstreamClient],
     redis: SharedRedis | None = None,
 ) -> Gateway:
     """Wire the collaborators (also used by in-memory tests with StubTreq clients)."""
@@ -160,7 +168,9 @@ def build_gateway(
     affinity: AffinityStore = MemoryAffinity(reactor, config.routing.affinity_ttl)
     if redis is not None:
         health = RedisHealth(redis, namespace, config.routing.cooldown)
-        affinity = RedisAffinity(redis, namespace, MemoryAffinity(reactor, config.routing.affinity_ttl))
+        affinity = RedisAffinity(
+            redis, namespace, MemoryAffinity(reactor, config.routing.affinity_ttl)
+        )
     router = Router(config, reactor, health=health, affinity=affinity)
     auth = Authenticator(config.auth)
     forwarder = Forwarder(reactor, config.upstreams, clients, Redactor(config.secrets()))
@@ -168,11 +178,19 @@ def build_gateway(
         cache_backend(config, reactor, redis), config.cache.ttl, config.cache.scope
     )
     metrics.add_gauges(
-        "llmproxy_cache_events", "Cache lookups and stores by outcome",
+        "llmproxy_cache_events",
+        "Cache lookups and stores by outcome",
         lambda: dict(cache.counters),
     )
     pipeline = Pipeline(
-        reactor, auth, MemoryLimiter(reactor), router, forwarder, cache, namespace, metrics,
+        reactor,
+        auth,
+        MemoryLimiter(reactor),
+        router,
+        forwarder,
+        cache,
+        namespace,
+        metrics,
     )
     return Gateway(config, pipeline, router, auth, cache, metrics)
 

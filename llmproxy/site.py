@@ -28,7 +28,11 @@ class GatewayRequest(Request):
 
     @property
     def _limit(self) -> int:
-        return self.channel.site.max_body_bytes  # type: ignore[no-any-return]
+        return self._site.max_body_bytes
+
+    @property
+    def _site(self) -> GatewaySite:
+        return self.channel.site  # type: ignore[attr-defined,no-any-return]
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > self._limit:
@@ -61,12 +65,14 @@ class GatewayRequest(Request):
             b"Content-Length: " + str(len(body)).encode() + b"\r\n"
             b"Connection: close\r\n\r\n"
         )
-        self.channel.transport.write(head + body)
+        transport = self.channel.transport
+        assert transport is not None
+        transport.write(head + body)
         self.channel.loseConnection()
 
     def getClientAddress(self) -> Any:
         peer = super().getClientAddress()
-        trusted = self.channel.site.trusted_proxies
+        trusted = self._site.trusted_proxies
         host = getattr(peer, "host", None)
         forwarded = self.getHeader("x-forwarded-for")
         if not forwarded or host not in trusted:
@@ -89,7 +95,10 @@ class GatewaySite(Site):
     displayTracebacks = False
 
     def __init__(
-        self, resource: IResource, max_body_bytes: int, trusted_proxies: tuple[str, ...],
+        self,
+        resource: IResource,
+        max_body_bytes: int,
+        trusted_proxies: tuple[str, ...],
         **kwargs: Any,
     ) -> None:
         super().__init__(resource, **kwargs)

@@ -55,9 +55,7 @@ class SSEParser:
             # Resume the search a little before the old end: a terminator can
             # straddle two chunks.
             start = max(0, self._scanned - 3)
-            ends = [
-                (i + len(t)) for t in _TERMINATORS if (i := self._buffer.find(t, start)) >= 0
-            ]
+            ends = [(i + len(t)) for t in _TERMINATORS if (i := self._buffer.find(t, start)) >= 0]
             if not ends:
                 self._scanned = len(self._buffer)
                 return events

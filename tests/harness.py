@@ -30,8 +30,12 @@ models:
 """
 
 
-def config_text(upstreams: dict[str, str] | None = None, extra: str = "", models: str | None = None,
-                timeouts: str = "") -> str:
+def config_text(
+    upstreams: dict[str, str] | None = None,
+    extra: str = "",
+    models: str | None = None,
+    timeouts: str = "",
+) -> str:
     upstreams = upstreams or {"a": "sk-upstream-a-secret"}
     lines = []
     for name, key in upstreams.items():
@@ -52,8 +56,10 @@ class Answer:
 
     def header(self, name: str) -> str | None:
         values = self.response.headers.getRawHeaders(name)
-        return values[0].decode() if values and isinstance(values[0], bytes) else (
-            values[0] if values else None
+        return (
+            values[0].decode()
+            if values and isinstance(values[0], bytes)
+            else (values[0] if values else None)
         )
 
     def json(self) -> Any:
@@ -61,9 +67,13 @@ class Answer:
 
 
 class Harness:
-    def __init__(self, text: str | None = None, mocks: tuple[str, ...] = ("a",),
-                 environ: dict[str, str] | None = None, clients: dict[str, Any] | None = None,
-                 ) -> None:
+    def __init__(
+        self,
+        text: str | None = None,
+        mocks: tuple[str, ...] = ("a",),
+        environ: dict[str, str] | None = None,
+        clients: dict[str, Any] | None = None,
+    ) -> None:
         self.clock = Clock()
         self.config: Config = parse_yaml(text or config_text(), "test", environ or {})
         self.mocks = {name: MockUpstream(self.clock, name=name) for name in mocks}
@@ -80,8 +90,14 @@ class Harness:
                 stub.flush()
             self.client.flush()
 
-    def start(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
-              raw: bytes | None = None) -> Any:
+    def start(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
+    ) -> Any:
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         d = self.client.request(
             method, "http://proxy.test" + path, data=data, headers=headers or {}, unbuffered=True
@@ -89,8 +105,14 @@ class Harness:
         self.pump()
         return d
 
-    def request(self, method: str, path: str, body: Any = None,
-                headers: dict[str, str] | None = None, raw: bytes | None = None) -> Answer:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
+    ) -> Answer:
         d = self.start(method, path, body, headers, raw)
         response = self.result(d)
         collected: list[bytes] = []

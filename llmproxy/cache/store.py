@@ -54,7 +54,7 @@ class ResponseCache:
             raw = await self.backend.get(key)
         except CancelledError:
             raise
-        except Exception:
+        except Exception:  # noqa: BLE001 - the cache must never fail a request
             self.counters["errors"] += 1
             self.log.failure("cache lookup failed; treating as a miss")
             raw = None
@@ -68,7 +68,7 @@ class ResponseCache:
             await self.backend.set(key, entry.encode(), ttl or self.ttl)
         except CancelledError:
             raise
-        except Exception:
+        except Exception:  # noqa: BLE001 - the cache must never fail a request
             self.counters["errors"] += 1
             self.log.failure("cache store failed; answer not cached")
             return
@@ -82,12 +82,14 @@ class ResponseCache:
             return await self.backend.purge()
         except CancelledError:
             raise
-        except Exception:
+        except Exception:  # noqa: BLE001 - the cache must never fail a request
             self.counters["errors"] += 1
             self.log.failure("cache purge failed")
             raise errors.APIError(
-                503, "The cache backend is unavailable; nothing was purged.",
-                type="server_error", code="cache_unavailable",
+                503,
+                "The cache backend is unavailable; nothing was purged.",
+                type="server_error",
+                code="cache_unavailable",
             ) from None
 
     def snapshot(self) -> dict[str, object]:

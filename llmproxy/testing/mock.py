@@ -47,7 +47,7 @@ from klein import Klein
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.python.failure import Failure
-from twisted.web.iweb import IRequest
+from twisted.web.server import Request as IRequest
 from zope.interface import implementer
 
 JSONDict = dict[str, Any]
@@ -70,9 +70,7 @@ def _last_user_text(body: JSONDict) -> str:
             if isinstance(message, dict) and message.get("role") == "user":
                 content = message.get("content")
                 if isinstance(content, list):
-                    return " ".join(
-                        p.get("text", "") for p in content if isinstance(p, dict)
-                    )
+                    return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
                 return str(content)
         return ""
     if "prompt" in body:
@@ -131,7 +129,7 @@ class _EventStream:
 
     def start(self) -> Deferred[None]:
         self.request.registerProducer(self, True)
-        self.request.notifyFinish().addErrback(self._clientGone)
+        self.request.notifyFinish().addErrback(self._client_gone)
         self._schedule(0)
         return self.done
 
@@ -146,7 +144,7 @@ class _EventStream:
         if self.cut_after is not None and self.sent >= int(self.cut_after):
             self.mock.stats["cuts"] += 1
             self._stop()
-            self.request.channel.transport.abortConnection()  # type: ignore[attr-defined]
+            self.request.channel.transport.abortConnection()  # type: ignore[union-attr]
             return
         if self.stall_after is not None and self.sent >= int(self.stall_after):
             return  # stalled: nothing more is ever written
@@ -170,10 +168,10 @@ class _EventStream:
         if self.call is not None and self.call.active():
             self.call.cancel()
 
-    def _clientGone(self, reason: Failure) -> None:
-        self._hungUp()
+    def _client_gone(self, reason: Failure) -> None:
+        self._hung_up()
 
-    def _hungUp(self) -> None:
+    def _hung_up(self) -> None:
         """The client went away before the stream ended (seen once, either way)."""
         if not self.stopped:
             self.mock.stats["disconnects"] += 1
@@ -191,7 +189,7 @@ class _EventStream:
 
     def stopProducing(self) -> None:
         # twisted.web stops a request's producer when its connection is lost.
-        self._hungUp()
+        self._hung_up()
 
 
 class MockUpstream:
@@ -205,7 +203,7 @@ class MockUpstream:
         self.api_key = api_key
         self.config: JSONDict = {}
         self.received: list[JSONDict] = []
-        self.responses: dict[str, JSONDict] = {}
+        self.stored: dict[str, JSONDict] = {}
         self.gated: list[Deferred[None]] = []
         self.stats: dict[str, int] = {}
         self.reset()
@@ -299,8 +297,14 @@ class MockUpstream:
             return self._json(
                 request,
                 401,
-                {"error": {"message": "Incorrect API key provided", "type":
-                           "invalid_request_error", "param": None, "code": "invalid_api_key"}},
+                {
+                    "error": {
+                        "message": "Incorrect API key provided",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": "invalid_api_key",
+                    }
+                },
                 {},
             )
         if knobs.get("echo_auth"):
@@ -308,8 +312,14 @@ class MockUpstream:
             return self._json(
                 request,
                 int(knobs.get("status", 400)),
-                {"error": {"message": f"bad key: {got}", "type": "invalid_request_error",
-                           "param": None, "code": "invalid_api_key"}},
+                {
+                    "error": {
+                        "message": f"bad key: {got}",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": "invalid_api_key",
+                    }
+                },
                 knobs,
             )
         if knobs.get("status") and int(knobs["status"]) != 200:
@@ -453,9 +463,7 @@ class MockUpstream:
                 "object": "text_completion",
                 "created": created,
                 "model": model,
-                "choices": [
-                    {"text": piece, "index": 0, "logprobs": None, "finish_reason": finish}
-                ],
+                "choices": [{"text": piece, "index": 0, "logprobs": None, "finish_reason": finish}],
             }
 
         if not body.get("stream"):
@@ -543,7 +551,7 @@ class MockUpstream:
 
     def _responses(self, request: IRequest, body: JSONDict, knobs: JSONDict) -> Any:
         previous = body.get("previous_response_id")
-        if previous and previous not in self.responses:
+        if previous and previous not in self.stored:
             return self._json(request, 404, _not_found_response(previous), {})
         text = self._reply_text(body, knobs)
         response = self._response_object(body, text, "completed")
@@ -555,7 +563,7 @@ class MockUpstream:
             "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
         }
         response["output"] = [message]
-        self.responses[response["id"]] = {"response": response, "input": body.get("input")}
+        self.stored[response["id"]] = {"response": response, "input": body.get("input")}
         if not body.get("stream"):
             return self._json(request, 200, response, knobs)
 
@@ -591,7 +599,7 @@ class MockUpstream:
         self._record(request)
         if not self._authorized(request):
             return None
-        return self.responses.get(response_id)
+        return self.stored.get(response_id)
 
     @app.route("/v1/responses/<string:response_id>", methods=["GET"])
     def get_response(self, request: IRequest, response_id: str) -> bytes:
@@ -605,7 +613,7 @@ class MockUpstream:
         stored = self._stored(request, response_id)
         if stored is None:
             return self._json(request, 404, _not_found_response(response_id), {})
-        del self.responses[response_id]
+        del self.stored[response_id]
         payload = {"id": response_id, "object": "response.deleted", "deleted": True}
         return self._json(request, 200, payload, {})
 
@@ -670,7 +678,8 @@ class MockUpstream:
 
     @app.route("/_mock/config", methods=["POST"])
     def configure(self, request: IRequest) -> bytes:
-        self.config = json.loads(request.content.read() or b"{}")
+        raw = request.content.read() if request.content is not None else b""
+        self.config = json.loads(raw or b"{}")
         request.setHeader("content-type", "application/json")
         return json.dumps(self.config).encode()
 

@@ -54,8 +54,9 @@ def port_open(port: int) -> bool:
 
 
 def require_binary(name: str, package: str) -> str:
-    found = shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists()
-                                   else None)
+    found = shutil.which(name) or (
+        f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None
+    )
     if found is None:
         raise AssertionError(
             f"this test needs the `{name}` binary, which is not installed: "
@@ -67,13 +68,17 @@ def require_binary(name: str, package: str) -> str:
 class Process:
     """A child process with its log file; stopped with SIGTERM, then SIGKILL."""
 
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None,
-                 cwd: Path | None = None) -> None:
+    def __init__(
+        self, args: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> None:
         self.args = args
         self.log_path = log
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            args, stdout=self._log, stderr=subprocess.STDOUT, env=env or os.environ.copy(),
+            args,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env or os.environ.copy(),
             cwd=cwd,
         )
 
@@ -110,8 +115,9 @@ class Mock:
     def __init__(self, tmp: Path, name: str, api_key: str | None = None) -> None:
         self.name = name
         self.port = free_port()
-        args = twistd("llmproxy-mock", "--listen", f"tcp:{self.port}:interface=127.0.0.1",
-                      "--name", name)
+        args = twistd(
+            "llmproxy-mock", "--listen", f"tcp:{self.port}:interface=127.0.0.1", "--name", name
+        )
         if api_key:
             args += ["--api-key", api_key]
         self.process = Process(args, tmp / f"mock-{name}.log")
@@ -148,13 +154,19 @@ class Mock:
 class Proxy:
     """A ``twistd -n llmproxy`` process on a free port with a given config."""
 
-    def __init__(self, tmp: Path, config: str, name: str = "proxy",
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, tmp: Path, config: str, name: str = "proxy", env: dict[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         self.config_path = tmp / f"{name}.yaml"
         self.config_path.write_text(config)
-        args = twistd("llmproxy", "--config", str(self.config_path),
-                      "--listen", f"tcp:{self.port}:interface=127.0.0.1")
+        args = twistd(
+            "llmproxy",
+            "--config",
+            str(self.config_path),
+            "--listen",
+            f"tcp:{self.port}:interface=127.0.0.1",
+        )
         self.process = Process(args, tmp / f"{name}.log", env=env)
         wait_for(lambda: self._ready(), what=f"llmproxy on port {self.port}")
 
@@ -205,8 +217,19 @@ class RedisServer:
 
     def start(self) -> None:
         self.process = Process(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.tmp)],
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.tmp),
+            ],
             self.tmp / f"redis-{self.port}.log",
         )
         wait_for(lambda: self.ping(), what=f"redis-server on port {self.port}")
@@ -220,7 +243,9 @@ class RedisServer:
 
     def cli_call(self, *args: str) -> str:
         done = subprocess.run(
-            [self.cli, "-p", str(self.port), "--raw", *args], capture_output=True, text=True,
+            [self.cli, "-p", str(self.port), "--raw", *args],
+            capture_output=True,
+            text=True,
             timeout=10,
         )
         return done.stdout.strip()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,15 +32,20 @@ auth:
 
 
 def cache_config(mock: Mock, backend: str, redis: RedisServer | None, extra: str = "") -> str:
-    text = upstream_block([mock], api_key=UPSTREAM_KEY) + MODELS + f"cache: {{backend: {backend}, max_bytes: 200000}}\n"
+    text = (
+        upstream_block([mock], api_key=UPSTREAM_KEY)
+        + MODELS
+        + f"cache: {{backend: {backend}, max_bytes: 200000}}\n"
+    )
     if redis is not None:
         text += f"redis: {{url: '{redis.url}', timeout: 0.25}}\n"
     return text + extra
 
 
 @pytest.fixture(params=["memory", "redis"])
-def cached_proxy(request: pytest.FixtureRequest, tmp_path: Path, fresh_mock: Mock
-                 ) -> Iterator[tuple[Proxy, RedisServer | None]]:
+def cached_proxy(
+    request: pytest.FixtureRequest, tmp_path: Path, fresh_mock: Mock
+) -> Iterator[tuple[Proxy, RedisServer | None]]:
     redis = RedisServer(tmp_path) if request.param == "redis" else None
     proxy = Proxy(tmp_path, cache_config(fresh_mock, request.param, redis))
     yield proxy, redis
@@ -50,13 +54,20 @@ def cached_proxy(request: pytest.FixtureRequest, tmp_path: Path, fresh_mock: Moc
         redis.stop()
 
 
-def post(proxy: Proxy, body: dict[str, object], key: str = "key-a",
-         headers: dict[str, str] | None = None, path: str = "/v1/chat/completions"
-         ) -> tuple[int, dict[str, str], bytes]:
+def post(
+    proxy: Proxy,
+    body: dict[str, object],
+    key: str = "key-a",
+    headers: dict[str, str] | None = None,
+    path: str = "/v1/chat/completions",
+) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
-    conn.request("POST", path, json.dumps(body),
-                 {"Authorization": f"Bearer {key}", "Content-Type": "application/json",
-                  **(headers or {})})
+    conn.request(
+        "POST",
+        path,
+        json.dumps(body),
+        {"Authorization": f"Bearer {key}", "Content-Type": "application/json", **(headers or {})},
+    )
     response = conn.getresponse()
     data = response.read()
     conn.close()
@@ -94,13 +105,14 @@ def test_basic_caching(cached_proxy, fresh_mock: Mock) -> None:  # type: ignore[
 
 def test_changed_temperature_misses_reordered_keys_hit(cached_proxy, fresh_mock: Mock) -> None:  # type: ignore[no-untyped-def]
     proxy, _ = cached_proxy
-    post(proxy, {"model": "m", "temperature": 0.5, "messages": [{"role": "user",
-                                                                 "content": "t"}]})
-    reordered = post(proxy, {"messages": [{"content": "t", "role": "user"}],
-                             "temperature": 0.5, "model": "m"})
+    post(proxy, {"model": "m", "temperature": 0.5, "messages": [{"role": "user", "content": "t"}]})
+    reordered = post(
+        proxy, {"messages": [{"content": "t", "role": "user"}], "temperature": 0.5, "model": "m"}
+    )
     assert reordered[1]["x-llmproxy-cache"] == "hit"
-    changed = post(proxy, {"model": "m", "temperature": 0.6, "messages": [{"role": "user",
-                                                                           "content": "t"}]})
+    changed = post(
+        proxy, {"model": "m", "temperature": 0.6, "messages": [{"role": "user", "content": "t"}]}
+    )
     assert changed[1]["x-llmproxy-cache"] == "miss"
     assert len(fresh_mock.requests()) == 2
 
@@ -112,17 +124,24 @@ def test_streaming_caching(cached_proxy, fresh_mock: Mock) -> None:  # type: ign
     second = post(proxy, body)
     assert second[1]["x-llmproxy-cache"] == "hit" and second[2] == first[2]
     assert second[2].endswith(b"data: [DONE]\n\n") and b'"choices":[]' in second[2]
-    assert second[1]["content-type"] == first[1]["content-type"] == \
-        "text/event-stream; charset=utf-8"
+    assert (
+        second[1]["content-type"] == first[1]["content-type"] == "text/event-stream; charset=utf-8"
+    )
     assert len(fresh_mock.requests()) == 1
     # And the SDK streams the hit.
     client = openai.OpenAI(base_url=proxy.base_url, api_key="key-a", max_retries=0)
-    chunks = list(client.chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "stream"}], stream=True,
-        stream_options={"include_usage": True},
-    ))
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
-        "Hello from main! You said: stream"
+    chunks = list(
+        client.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": "stream"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        == "Hello from main! You said: stream"
+    )
     assert len(fresh_mock.requests()) == 1
 
 
@@ -141,8 +160,10 @@ def test_responses_streaming_caching(cached_proxy, fresh_mock: Mock) -> None:  #
 def test_controls(cached_proxy, fresh_mock: Mock) -> None:  # type: ignore[no-untyped-def]
     proxy, _ = cached_proxy
     post(proxy, chat("ctl"))
-    assert post(proxy, chat("ctl"), headers={"Cache-Control": "no-cache"})[1][
-        "x-llmproxy-cache"] == "bypass"
+    assert (
+        post(proxy, chat("ctl"), headers={"Cache-Control": "no-cache"})[1]["x-llmproxy-cache"]
+        == "bypass"
+    )
     assert len(fresh_mock.requests()) == 2
     post(proxy, chat("nostore"), headers={"Cache-Control": "no-store"})
     assert post(proxy, chat("nostore"))[1]["x-llmproxy-cache"] == "miss"
@@ -164,12 +185,13 @@ def test_cut_and_abandoned_streams_are_not_stored(cached_proxy, fresh_mock: Mock
     body = chat("cut", stream=True, mock={"cut_after": 2})
     assert b"event: error" in post(proxy, body)[2]
     assert post(proxy, body)[1]["x-llmproxy-cache"] == "miss"
-    abandoned = chat("abandon", stream=True, mock={"stall_after_headers": True,
-                                                   "stall_after": 2})
+    abandoned = chat("abandon", stream=True, mock={"stall_after_headers": True, "stall_after": 2})
     data = json.dumps(abandoned).encode()
     sock = socket.create_connection(("127.0.0.1", proxy.port))
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer key-a"
-                 b"\r\nContent-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer key-a"
+        b"\r\nContent-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data
+    )
     wait_for(lambda: fresh_mock.stats()["streams"] == 3, what="the abandoned stream to start")
     sock.close()
     wait_for(lambda: fresh_mock.stats()["disconnects"] == 1, what="upstream closed")
@@ -187,13 +209,17 @@ def test_concurrent_identical_requests_share_one_call(cached_proxy, fresh_mock: 
         async def one() -> str:
             if stream:
                 chunks = await client.chat.completions.create(
-                    model="m", messages=[{"role": "user", "content": f"together {stream}"}],
-                    stream=True, extra_body={"mock": {"gate": True}},
+                    model="m",
+                    messages=[{"role": "user", "content": f"together {stream}"}],
+                    stream=True,
+                    extra_body={"mock": {"gate": True}},
                 )
-                return "".join([c.choices[0].delta.content or "" async for c in chunks
-                                if c.choices])
+                return "".join(
+                    [c.choices[0].delta.content or "" async for c in chunks if c.choices]
+                )
             answer = await client.chat.completions.create(
-                model="m", messages=[{"role": "user", "content": f"together {stream}"}],
+                model="m",
+                messages=[{"role": "user", "content": f"together {stream}"}],
                 extra_body={"mock": {"gate": True}},
             )
             return answer.choices[0].message.content or ""

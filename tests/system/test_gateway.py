@@ -65,12 +65,15 @@ def test_async_completion_and_embeddings(proxy: Proxy, fresh_mock: Mock) -> None
     assert content == "Hello from main! You said: async" and count == 3
 
 
-def raw_request(port: int, body: dict[str, object], path: str = "/v1/chat/completions") -> socket.socket:
+def raw_request(
+    port: int, body: dict[str, object], path: str = "/v1/chat/completions"
+) -> socket.socket:
     data = json.dumps(body).encode()
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     sock.sendall(
         f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(data)}\r\n\r\n".encode() + data
+        f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
     )
     return sock
 
@@ -78,11 +81,15 @@ def raw_request(port: int, body: dict[str, object], path: str = "/v1/chat/comple
 def test_raw_http_stream_arrives_event_by_event(proxy: Proxy, fresh_mock: Mock) -> None:
     # The upstream sends the role chunk and one delta, then stalls forever: if the
     # proxy waited for the stream to end, nothing would arrive.
-    sock = raw_request(proxy.port, {
-        "model": "gpt-4o-mini", "stream": True,
-        "messages": [{"role": "user", "content": "x"}],
-        "mock": {"stall_after_headers": True, "stall_after": 2},
-    })
+    sock = raw_request(
+        proxy.port,
+        {
+            "model": "gpt-4o-mini",
+            "stream": True,
+            "messages": [{"role": "user", "content": "x"}],
+            "mock": {"stall_after_headers": True, "stall_after": 2},
+        },
+    )
     received = b""
 
     def two_events() -> bool:
@@ -108,7 +115,9 @@ def test_raw_http_stream_arrives_event_by_event(proxy: Proxy, fresh_mock: Mock) 
 
 def test_stream_cut_by_upstream_is_visible(proxy: Proxy, fresh_mock: Mock) -> None:
     stream = client(proxy).chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "a b c d"}], stream=True,
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "a b c d"}],
+        stream=True,
         extra_body={"mock": {"cut_after": 3}},
     )
     received = []
@@ -121,10 +130,15 @@ def test_stream_cut_by_upstream_is_visible(proxy: Proxy, fresh_mock: Mock) -> No
 
 def test_backpressure_pauses_the_upstream(proxy: Proxy, fresh_mock: Mock) -> None:
     before = proxy.rss_kib()
-    sock = raw_request(proxy.port, {
-        "model": "gpt-4o-mini", "stream": True, "messages": [],
-        "mock": {"infinite": True, "chunk_bytes": 65536},
-    })
+    sock = raw_request(
+        proxy.port,
+        {
+            "model": "gpt-4o-mini",
+            "stream": True,
+            "messages": [],
+            "mock": {"infinite": True, "chunk_bytes": 65536},
+        },
+    )
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
     # We read nothing: the proxy must stop reading the upstream, so the mock's
     # socket backs up and it is paused as a producer.
@@ -152,12 +166,14 @@ def test_invalid_model_error(proxy: Proxy, fresh_mock: Mock) -> None:
 def test_fifty_concurrent_requests(proxy: Proxy, fresh_mock: Mock) -> None:
     async def run() -> list[str | None]:
         c = aclient(proxy)
-        answers = await asyncio.gather(*[
-            c.chat.completions.create(
-                model="gpt-4o-mini", messages=[{"role": "user", "content": f"request {i}"}]
-            )
-            for i in range(50)
-        ])
+        answers = await asyncio.gather(
+            *[
+                c.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": f"request {i}"}]
+                )
+                for i in range(50)
+            ]
+        )
         return [a.choices[0].message.content for a in answers]
 
     contents = asyncio.run(run())
@@ -186,8 +202,13 @@ def test_responses_basic(proxy: Proxy, fresh_mock: Mock) -> None:
     assert items.data[0].content[0].text == "tell me"  # type: ignore[union-attr]
     c.responses.delete(response.id)
     paths = [r["path"] for r in fresh_mock.requests()]
-    assert paths == ["/v1/responses", f"/v1/responses/{response.id}", "/v1/responses",
-                     f"/v1/responses/{response.id}/input_items", f"/v1/responses/{response.id}"]
+    assert paths == [
+        "/v1/responses",
+        f"/v1/responses/{response.id}",
+        "/v1/responses",
+        f"/v1/responses/{response.id}/input_items",
+        f"/v1/responses/{response.id}",
+    ]
 
 
 def test_responses_async(proxy: Proxy, fresh_mock: Mock) -> None:
@@ -209,11 +230,14 @@ def test_responses_streaming(proxy: Proxy, fresh_mock: Mock) -> None:
 
 def test_bad_config_exits_nonzero_with_path_named_message(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text("upstreams:\n  a: {base_url: 'http://x/v1'}\nmodels:\n"
-                   "  m: {targets: [{upstream: azure}]}\n")
+    bad.write_text(
+        "upstreams:\n  a: {base_url: 'http://x/v1'}\nmodels:\n  m: {targets: [{upstream: azure}]}\n"
+    )
     done = subprocess.run(
         [str(BIN / "twistd"), "--pidfile=", "-n", "llmproxy", "--config", str(bad)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     output = done.stdout + done.stderr
     assert done.returncode != 0
@@ -223,7 +247,9 @@ def test_bad_config_exits_nonzero_with_path_named_message(tmp_path: Path) -> Non
 
 def test_llmproxy_help_documents_options() -> None:
     done = subprocess.run(
-        [str(BIN / "twistd"), "-n", "llmproxy", "--help"], capture_output=True, text=True,
+        [str(BIN / "twistd"), "-n", "llmproxy", "--help"],
+        capture_output=True,
+        text=True,
         timeout=60,
     )
     assert done.returncode == 0

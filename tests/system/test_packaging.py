@@ -33,7 +33,11 @@ def test_wheel_installs_the_twistd_plugin(tmp_path: Path) -> None:
     listing = run(str(env / "bin" / "twistd"), "--help", cwd=tmp_path)
     assert "llmproxy " in listing and "llmproxy-mock" in listing
     # Installed anywhere, it starts from its packaged default config.
-    options = run(str(python), "-c",
-                  "from llmproxy.tap import Options; o = Options(); o.parseOptions([]);"
-                  "print(o.config.source)", cwd=tmp_path)
+    options = run(
+        str(python),
+        "-c",
+        "from llmproxy.tap import Options; o = Options(); o.parseOptions([]);"
+        "print(o.config.source)",
+        cwd=tmp_path,
+    )
     assert options.strip() == "<built-in default>"

@@ -21,8 +21,7 @@ _unique = itertools.count()
 
 
 @pytest.fixture
-def redis_proxy(tmp_path: Path, fresh_mock: Mock, redis_server: RedisServer
-                ) -> Iterator[Proxy]:
+def redis_proxy(tmp_path: Path, fresh_mock: Mock, redis_server: RedisServer) -> Iterator[Proxy]:
     proxy = Proxy(tmp_path, cache_config(fresh_mock, "redis", redis_server))
     yield proxy
     proxy.stop()
@@ -34,8 +33,9 @@ def caching_works(proxy: Proxy) -> bool:
     return post(proxy, body)[1]["x-llmproxy-cache"] == "hit"
 
 
-def test_two_proxies_share_entries(tmp_path: Path, fresh_mock: Mock,
-                                   redis_server: RedisServer) -> None:
+def test_two_proxies_share_entries(
+    tmp_path: Path, fresh_mock: Mock, redis_server: RedisServer
+) -> None:
     text = cache_config(fresh_mock, "redis", redis_server)
     first, second = Proxy(tmp_path, text, "p1"), Proxy(tmp_path, text, "p2")
     try:
@@ -49,8 +49,9 @@ def test_two_proxies_share_entries(tmp_path: Path, fresh_mock: Mock,
         second.stop()
 
 
-def test_paused_redis_is_a_miss(redis_proxy: Proxy, fresh_mock: Mock,
-                                redis_server: RedisServer) -> None:
+def test_paused_redis_is_a_miss(
+    redis_proxy: Proxy, fresh_mock: Mock, redis_server: RedisServer
+) -> None:
     assert caching_works(redis_proxy)
     redis_server.pause()
     try:
@@ -64,8 +65,9 @@ def test_paused_redis_is_a_miss(redis_proxy: Proxy, fresh_mock: Mock,
     wait_for(lambda: caching_works(redis_proxy), what="caching to resume")
 
 
-def test_killed_and_restarted_redis(redis_proxy: Proxy, fresh_mock: Mock,
-                                    redis_server: RedisServer) -> None:
+def test_killed_and_restarted_redis(
+    redis_proxy: Proxy, fresh_mock: Mock, redis_server: RedisServer
+) -> None:
     assert caching_works(redis_proxy)
     redis_server.stop()
     for i in range(3):

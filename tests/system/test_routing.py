@@ -18,9 +18,15 @@ from tests.system.procs import Mock, Proxy, RedisServer, free_port, wait_for
 Trio = dict[str, Mock]
 
 
-def config(trio: Trio, strategy: str = "round_robin", weights: dict[str, int] | None = None,
-           extra: str = "", dead: int | None = None, names: str = "abc",
-           timeouts: str = "{connect: 2, first_byte: 3, idle: 3, total: 30}") -> str:
+def config(
+    trio: Trio,
+    strategy: str = "round_robin",
+    weights: dict[str, int] | None = None,
+    extra: str = "",
+    dead: int | None = None,
+    names: str = "abc",
+    timeouts: str = "{connect: 2, first_byte: 3, idle: 3, total: 30}",
+) -> str:
     weights = weights or {}
     lines = ["upstreams:"]
     for name in names:
@@ -49,10 +55,11 @@ def start(tmp_path: Path) -> Iterator[object]:
 
 def ask(proxy: Proxy, text: str = "hi", **extra: object) -> tuple[str, str]:
     """One chat completion: (who answered, what it said)."""
-    raw = openai.OpenAI(base_url=proxy.base_url, api_key="x", max_retries=0) \
-        .chat.completions.with_raw_response.create(
-            model="m", messages=[{"role": "user", "content": text}], **extra
-        )
+    raw = openai.OpenAI(
+        base_url=proxy.base_url, api_key="x", max_retries=0
+    ).chat.completions.with_raw_response.create(
+        model="m", messages=[{"role": "user", "content": text}], **extra
+    )
     answer = raw.parse()
     return raw.headers["x-llmproxy-upstream"], answer.choices[0].message.content or ""
 
@@ -85,8 +92,14 @@ def test_weights_are_honoured(fresh_trio: Trio, start) -> None:  # type: ignore[
 
 def test_dead_port_and_500s_failed_over(fresh_trio: Trio, start) -> None:  # type: ignore[no-untyped-def]
     fresh_trio["b"].configure(status=500)
-    proxy = start(config(fresh_trio, dead=free_port(), names="dbc",
-                         extra="routing: {retries: 2, cooldown: {failures: 3, seconds: 300}}\n"))
+    proxy = start(
+        config(
+            fresh_trio,
+            dead=free_port(),
+            names="dbc",
+            extra="routing: {retries: 2, cooldown: {failures: 3, seconds: 300}}\n",
+        )
+    )
     answers = [ask(proxy, f"q{i}") for i in range(20)]
     assert all(who == "c" for who, _ in answers)
     assert [said for _, said in answers] == [f"Hello from c! You said: q{i}" for i in range(20)]
@@ -111,9 +124,9 @@ def test_429_retry_after_cools_then_recovers(fresh_trio: Trio, start) -> None:  
 def test_stream_cut_is_not_retried(fresh_trio: Trio, start) -> None:  # type: ignore[no-untyped-def]
     fresh_trio["a"].configure(cut_after=2)
     proxy = start(config(fresh_trio, strategy="priority", names="ab"))
-    stream = openai.OpenAI(base_url=proxy.base_url, api_key="x", max_retries=0) \
-        .chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}],
-                                 stream=True)
+    stream = openai.OpenAI(
+        base_url=proxy.base_url, api_key="x", max_retries=0
+    ).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], stream=True)
     got = []
     with pytest.raises(openai.APIError):
         for chunk in stream:
@@ -148,11 +161,15 @@ def test_affinity_across_ten_follow_ups(fresh_trio: Trio, start) -> None:  # typ
 
 
 def test_two_proxies_share_cooldowns_through_redis(
-    fresh_trio: Trio, start, redis_server: RedisServer  # type: ignore[no-untyped-def]
+    fresh_trio: Trio,
+    start,
+    redis_server: RedisServer,  # type: ignore[no-untyped-def]
 ) -> None:
     fresh_trio["a"].configure(status=500)
-    extra = (f"redis: {{url: '{redis_server.url}', timeout: 0.5}}\n"
-             "routing: {cooldown: {failures: 2, seconds: 300}}\n")
+    extra = (
+        f"redis: {{url: '{redis_server.url}', timeout: 0.5}}\n"
+        "routing: {cooldown: {failures: 2, seconds: 300}}\n"
+    )
     text = config(fresh_trio, strategy="priority", names="ab", extra=extra)
     first, second = start(text, "p1"), start(text, "p2")
     assert ask(first, "one")[0] == "b"  # a failed once (first process)

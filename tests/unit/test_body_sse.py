@@ -74,5 +74,5 @@ def test_sse_events_split_across_chunks() -> None:
 
 def test_sse_keeps_an_unfinished_event_pending() -> None:
     parser = SSEParser()
-    assert parser.feed(b"data: 1\n\ndata: par") [0].data == "1"
+    assert parser.feed(b"data: 1\n\ndata: par")[0].data == "1"
     assert parser.pending() == b"data: par"

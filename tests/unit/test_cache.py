@@ -24,8 +24,9 @@ def cached(extra: str = "") -> Harness:
     return Harness(config_text() + extra)
 
 
-def ask(h: Harness, body: Any, headers: dict[str, str] | None = None,
-        path: str = "/v1/chat/completions") -> Answer:
+def ask(
+    h: Harness, body: Any, headers: dict[str, str] | None = None, path: str = "/v1/chat/completions"
+) -> Answer:
     return h.request("POST", path, body, headers=headers)
 
 
@@ -38,8 +39,7 @@ def test_key_covers_endpoint_model_body_and_scope() -> None:
     assert base.startswith("ns:cache:") and len(base) == len("ns:cache:") + 64
     reordered = dict(reversed(list(body.items())))
     assert cache_key("ns", "chat/completions", "m", reordered, "team-a") == base
-    assert cache_key("ns", "chat/completions", "m", {**body, "cache": {"ttl": 5}}, "team-a") \
-        == base
+    assert cache_key("ns", "chat/completions", "m", {**body, "cache": {"ttl": 5}}, "team-a") == base
     for changed in (
         cache_key("ns", "completions", "m", body, "team-a"),
         cache_key("ns", "chat/completions", "m2", body, "team-a"),
@@ -82,20 +82,25 @@ def test_repeat_is_a_hit_with_the_same_bytes() -> None:
 def test_changed_temperature_misses_and_reordered_keys_hit() -> None:
     h = cached()
     ask(h, {"model": "m1", "temperature": 0.1, "messages": [{"role": "user", "content": "t"}]})
-    hit = ask(h, {"messages": [{"content": "t", "role": "user"}], "temperature": 0.1,
-                  "model": "m1"})
+    hit = ask(
+        h, {"messages": [{"content": "t", "role": "user"}], "temperature": 0.1, "model": "m1"}
+    )
     assert hit.header("x-llmproxy-cache") == "hit"
-    miss = ask(h, {"model": "m1", "temperature": 0.2, "messages": [{"role": "user",
-                                                                     "content": "t"}]})
+    miss = ask(
+        h, {"model": "m1", "temperature": 0.2, "messages": [{"role": "user", "content": "t"}]}
+    )
     assert miss.header("x-llmproxy-cache") == "miss"
     assert len(h.seen()) == 2
 
 
-@pytest.mark.parametrize("endpoint,body", [
-    ("/v1/embeddings", {"model": "m1", "input": ["a"]}),
-    ("/v1/completions", {"model": "m1", "prompt": "p"}),
-    ("/v1/responses", {"model": "m1", "input": "r"}),
-])
+@pytest.mark.parametrize(
+    "endpoint,body",
+    [
+        ("/v1/embeddings", {"model": "m1", "input": ["a"]}),
+        ("/v1/completions", {"model": "m1", "prompt": "p"}),
+        ("/v1/responses", {"model": "m1", "input": "r"}),
+    ],
+)
 def test_other_endpoints_are_cached(endpoint: str, body: dict[str, Any]) -> None:
     h = cached()
     assert ask(h, body, path=endpoint).header("x-llmproxy-cache") == "miss"
@@ -168,8 +173,10 @@ def test_cache_off_and_bypassed_endpoints() -> None:
     assert ask(h, chat("x")).header("x-llmproxy-cache") == "off"
     h2 = cached()
     made = ask(h2, {"model": "m1", "input": "x"}, path="/v1/responses")
-    assert h2.request("GET", f"/v1/responses/{made.json()['id']}").header(
-        "x-llmproxy-cache") == "bypass"
+    assert (
+        h2.request("GET", f"/v1/responses/{made.json()['id']}").header("x-llmproxy-cache")
+        == "bypass"
+    )
 
 
 def test_purge() -> None:
@@ -258,8 +265,10 @@ def test_stream_is_replayed_byte_for_byte() -> None:
         assert second.header(name) == first.header(name)
     assert len(h.seen()) == 1
     # stream is part of the key: the plain request is a different entry.
-    assert ask(h, chat("stream me", stream_options={"include_usage": True})).header(
-        "x-llmproxy-cache") == "miss"
+    assert (
+        ask(h, chat("stream me", stream_options={"include_usage": True})).header("x-llmproxy-cache")
+        == "miss"
+    )
 
 
 def test_responses_stream_is_replayed_byte_for_byte() -> None:
@@ -274,8 +283,9 @@ def test_responses_stream_is_replayed_byte_for_byte() -> None:
 def test_cut_stream_leaves_nothing_behind() -> None:
     h = cached()
     ask(h, chat("cut", stream=True, mock={"cut_after": 3}))
-    assert ask(h, chat("cut", stream=True, mock={"cut_after": 3})).header(
-        "x-llmproxy-cache") == "miss"
+    assert (
+        ask(h, chat("cut", stream=True, mock={"cut_after": 3})).header("x-llmproxy-cache") == "miss"
+    )
     assert h.request("GET", "/stats").json()["cache"]["stores"] == 0
 
 
@@ -299,9 +309,15 @@ def test_abandoned_stream_leaves_nothing_behind() -> None:
 
 
 def start_many(h: Harness, body: Any, count: int) -> list[Any]:
-    return [h.client.request("POST", "http://proxy.test/v1/chat/completions",
-                             data=json.dumps(body).encode(), unbuffered=True)
-            for _ in range(count)]
+    return [
+        h.client.request(
+            "POST",
+            "http://proxy.test/v1/chat/completions",
+            data=json.dumps(body).encode(),
+            unbuffered=True,
+        )
+        for _ in range(count)
+    ]
 
 
 def finish(h: Harness, d: Any) -> Answer:

@@ -87,7 +87,9 @@ def test_key_sha256_authenticates() -> None:
 def test_403_model_not_allowed_for_key() -> None:
     h = Harness(config_text() + KEYS)
     answer = h.request(
-        "POST", "/v1/chat/completions", dict(chat(), model="m2"),
+        "POST",
+        "/v1/chat/completions",
+        dict(chat(), model="m2"),
         headers={"Authorization": "Bearer key-a"},
     )
     assert_openai_error(answer, 403, "model_not_allowed")
@@ -98,7 +100,8 @@ def test_403_model_not_allowed_for_key() -> None:
 def test_404_unknown_model() -> None:
     h = Harness()
     error = assert_openai_error(
-        h.request("POST", "/v1/chat/completions", dict(chat(), model="gpt-9")), 404,
+        h.request("POST", "/v1/chat/completions", dict(chat(), model="gpt-9")),
+        404,
         "model_not_found",
     )
     assert error["param"] == "model"

@@ -27,8 +27,7 @@ def test_upstream_gets_the_target_model_key_and_body_byte_for_byte() -> None:
     seen = h.seen()[-1]
     assert seen["path"] == "/v1/chat/completions"
     assert seen["body"] == (
-        '{"model": "upstream-m1",  "messages":[{"role":"user","content":"x"}], '
-        '"temperature": 0.50}'
+        '{"model": "upstream-m1",  "messages":[{"role":"user","content":"x"}], "temperature": 0.50}'
     )
     assert seen["headers"]["authorization"] == "Bearer sk-upstream-a-secret"
     assert "cookie" not in seen["headers"]
@@ -54,7 +53,8 @@ def test_no_authorization_when_upstream_has_no_key() -> None:
 
 def test_extra_static_headers_are_sent() -> None:
     text = config_text().replace(
-        "    api_key: sk-upstream-a-secret", "    api_key: k\n    headers: {OpenAI-Organization: org-1}"
+        "    api_key: sk-upstream-a-secret",
+        "    api_key: k\n    headers: {OpenAI-Organization: org-1}",
     )
     h = Harness(text)
     h.request("POST", "/v1/chat/completions", chat())
@@ -92,8 +92,14 @@ def test_redirects_are_not_followed() -> None:
 
 def test_upstream_4xx_passes_through_unchanged() -> None:
     h = Harness()
-    body = {"error": {"message": "context too long", "type": "invalid_request_error",
-                      "param": "messages", "code": "context_length_exceeded"}}
+    body = {
+        "error": {
+            "message": "context too long",
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": "context_length_exceeded",
+        }
+    }
     answer = h.request("POST", "/v1/chat/completions", chat(mock={"status": 400, "body": body}))
     assert answer.code == 400
     assert answer.json() == body
@@ -109,24 +115,33 @@ def test_upstream_key_echoed_back_is_redacted() -> None:
 
 
 def test_responses_objects_go_to_the_upstream_that_made_them() -> None:
-    h = Harness(mocks=("a", "b"), text=config_text({"a": "ka", "b": "kb"}) + (
-        "  m3:\n    strategy: priority\n    targets:\n      - upstream: b\n"
-    ))
+    h = Harness(
+        mocks=("a", "b"),
+        text=config_text({"a": "ka", "b": "kb"})
+        + ("  m3:\n    strategy: priority\n    targets:\n      - upstream: b\n"),
+    )
     made = h.request("POST", "/v1/responses", {"model": "m3", "input": "remember me"})
     assert made.code == 200
     rid = made.json()["id"]
-    for method, suffix in (("GET", ""), ("GET", "/input_items"), ("POST", "/cancel"),
-                           ("DELETE", "")):
+    for method, suffix in (
+        ("GET", ""),
+        ("GET", "/input_items"),
+        ("POST", "/cancel"),
+        ("DELETE", ""),
+    ):
         answer = h.request(method, f"/v1/responses/{rid}{suffix}")
         assert answer.code == 200, (suffix, answer.body)
         assert answer.header("x-llmproxy-upstream") == "b"
     assert [r["path"] for r in h.seen("b")][1:] == [
-        f"/v1/responses/{rid}", f"/v1/responses/{rid}/input_items",
-        f"/v1/responses/{rid}/cancel", f"/v1/responses/{rid}",
+        f"/v1/responses/{rid}",
+        f"/v1/responses/{rid}/input_items",
+        f"/v1/responses/{rid}/cancel",
+        f"/v1/responses/{rid}",
     ]
     assert h.seen("a") == []
-    follow = h.request("POST", "/responses", {"model": "m3", "input": "again",
-                                              "previous_response_id": rid})
+    follow = h.request(
+        "POST", "/responses", {"model": "m3", "input": "again", "previous_response_id": rid}
+    )
     assert follow.code == 404  # deleted upstream above: the upstream's own answer
 
 

@@ -31,8 +31,9 @@ def test_dropin_is_lazy() -> None:
         "print('twisted.internet.reactor' in sys.modules, 'llmproxy.tap' in sys.modules,"
         " 'txredisapi' in sys.modules)"
     )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                          timeout=60, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "False", "False"]
     assert not (ROOT / "twisted" / "plugins" / "__init__.py").exists()
@@ -43,8 +44,16 @@ def test_make_service_builds_the_named_tree(tmp_path: Path) -> None:
     from llmproxy.tap import Options, makeService
 
     options = Options()
-    options.parseOptions(["--config", str(ROOT / "etc" / "llmproxy.yaml"),
-                          "--listen", "tcp:0:interface=127.0.0.1", "-l", "tcp:0"])
+    options.parseOptions(
+        [
+            "--config",
+            str(ROOT / "etc" / "llmproxy.yaml"),
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
+            "-l",
+            "tcp:0",
+        ]
+    )
     assert options["listen"] == ["tcp:0:interface=127.0.0.1", "tcp:0"]
     service = makeService(options)
     collection = IServiceCollection(service)
@@ -67,6 +76,7 @@ def test_bad_listen_is_a_usage_error() -> None:
     from llmproxy.tap import Options
 
     with pytest.raises(usage.UsageError) as info:
-        Options().parseOptions(["--config", str(ROOT / "etc" / "llmproxy.yaml"),
-                                "--listen", "bogus:1"])
+        Options().parseOptions(
+            ["--config", str(ROOT / "etc" / "llmproxy.yaml"), "--listen", "bogus:1"]
+        )
     assert "listen: bad endpoint 'bogus:1'" in str(info.value)

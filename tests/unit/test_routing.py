@@ -20,14 +20,18 @@ from tests.harness import Harness, chat
 THREE = {"a": "ka", "b": "kb", "c": "kc"}
 
 
-def three(strategy: str = "round_robin", weights: tuple[int, int, int] = (1, 1, 1),
-          extra: str = "") -> str:
+def three(
+    strategy: str = "round_robin", weights: tuple[int, int, int] = (1, 1, 1), extra: str = ""
+) -> str:
     ups = "".join(f"  {n}:\n    base_url: http://{n}.test/v1\n    api_key: k{n}\n" for n in "abc")
     targets = "".join(
         f"      - upstream: {n}\n        model: up-{n}\n        weight: {w}\n"
         for n, w in zip("abc", weights, strict=True)
     )
-    return f"upstreams:\n{ups}models:\n  m1:\n    strategy: {strategy}\n    targets:\n{targets}" + extra
+    return (
+        f"upstreams:\n{ups}models:\n  m1:\n    strategy: {strategy}\n    targets:\n{targets}"
+        + extra
+    )
 
 
 def run(d: Any) -> Any:
@@ -123,16 +127,25 @@ def test_priority_takes_targets_in_order() -> None:
     assert picks(router(three("priority")), 3) == ["a", "a", "a"]
 
 
-def fail_target(r: Router, name: str, kind: str = "connect", status: int | None = None,
-                retry_after: float | None = None) -> None:
+def fail_target(
+    r: Router,
+    name: str,
+    kind: str = "connect",
+    status: int | None = None,
+    retry_after: float | None = None,
+) -> None:
     target = next(t for t in r.models["m1"].targets if t.upstream == name)
     run(r.failed(target, UpstreamFailure(kind, "x", status=status, retry_after=retry_after)))
 
 
 def test_cooldown_transitions() -> None:
     clock = Clock()
-    r = router(three("priority", extra="routing: {cooldown: {failures: 3, seconds: 10, "
-                                        "max_seconds: 25}}\n"), clock)
+    r = router(
+        three(
+            "priority", extra="routing: {cooldown: {failures: 3, seconds: 10, max_seconds: 25}}\n"
+        ),
+        clock,
+    )
     fail_target(r, "a")
     fail_target(r, "a")
     assert picks(r, 1) == ["a"]  # two failures: still healthy
@@ -196,8 +209,7 @@ def test_client_errors_do_not_count_against_a_target() -> None:
 
 def test_fallback_tier_only_when_weighted_targets_are_out() -> None:
     clock = Clock()
-    r = router(three("round_robin", (1, 1, 0), extra="routing: {cooldown: {failures: 1}}\n"),
-               clock)
+    r = router(three("round_robin", (1, 1, 0), extra="routing: {cooldown: {failures: 1}}\n"), clock)
     assert "c" not in picks(r, 10)
     fail_target(r, "a")
     fail_target(r, "b")
@@ -222,8 +234,12 @@ def test_retries_bound_the_attempts() -> None:
 # -- through the gateway, with three in-memory mock upstreams -----------------------
 
 
-def gateway(strategy: str = "round_robin", weights: tuple[int, int, int] = (1, 1, 1),
-            extra: str = "", clients: dict[str, Any] | None = None) -> Harness:
+def gateway(
+    strategy: str = "round_robin",
+    weights: tuple[int, int, int] = (1, 1, 1),
+    extra: str = "",
+    clients: dict[str, Any] | None = None,
+) -> Harness:
     text = three(strategy, weights, extra) + "cache: {backend: off}\n"
     return Harness(text, mocks=("a", "b", "c"), clients=clients)
 
@@ -320,9 +336,15 @@ def test_affinity_across_follow_ups() -> None:
     owner = first.header("x-llmproxy-upstream")
     rid = first.json()["id"]
     for i in range(10):
-        answer = h.request("POST", "/v1/responses", {
-            "model": "m1", "input": f"follow {i}", "previous_response_id": rid,
-        })
+        answer = h.request(
+            "POST",
+            "/v1/responses",
+            {
+                "model": "m1",
+                "input": f"follow {i}",
+                "previous_response_id": rid,
+            },
+        )
         assert answer.code == 200 and answer.header("x-llmproxy-upstream") == owner
         rid = answer.json()["id"]
     assert len(h.seen(owner)) == 11
@@ -337,8 +359,9 @@ def test_affinity_to_an_unusable_target_is_a_clear_503() -> None:
     # Fail the owner once with a fresh request (round robin reaches it in three).
     for i in range(3):
         h.request("POST", "/v1/chat/completions", chat(f"x{i}"))
-    answer = h.request("POST", "/v1/responses", {"model": "m1", "input": "again",
-                                                 "previous_response_id": rid})
+    answer = h.request(
+        "POST", "/v1/responses", {"model": "m1", "input": "again", "previous_response_id": rid}
+    )
     assert answer.code == 503
     assert rid in answer.json()["error"]["message"]
     assert h.request("GET", f"/v1/responses/{rid}").code == 503
@@ -364,8 +387,7 @@ def test_active_health_checks() -> None:
     checker.stop()
 
 
-@pytest.mark.parametrize("strategy", ["round_robin", "least_busy", "latency", "random",
-                                      "priority"])
+@pytest.mark.parametrize("strategy", ["round_robin", "least_busy", "latency", "random", "priority"])
 def test_every_strategy_serves_and_fails_over(strategy: str) -> None:
     h = gateway(strategy, clients={"b": Refused()})
     assert "b" not in served_by(h, 12)

@@ -50,7 +50,9 @@ def test_body_at_the_limit_is_accepted() -> None:
     h, proto, transport = channel(limit=len(body))
     proto.dataReceived(
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: "
-        + str(len(body)).encode() + b"\r\n\r\n" + body
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
     )
     h.pump()
     assert not transport.value().startswith(b"HTTP/1.1 413")
@@ -58,9 +60,8 @@ def test_body_at_the_limit_is_accepted() -> None:
 
 
 def request_from(peer: str, forwarded: str | None):  # type: ignore[no-untyped-def]
-    from twisted.web.test.requesthelper import DummyChannel
-
     from twisted.web.resource import Resource
+    from twisted.web.test.requesthelper import DummyChannel
 
     from llmproxy.site import GatewayRequest, GatewaySite
 
@@ -75,7 +76,9 @@ def request_from(peer: str, forwarded: str | None):  # type: ignore[no-untyped-d
 
 def test_forwarded_for_is_honoured_only_from_trusted_proxies() -> None:
     assert request_from("127.0.0.1", "203.0.113.9").getClientAddress().host == "203.0.113.9"
-    assert request_from("127.0.0.1", "6.6.6.6, 203.0.113.9, 127.0.0.1").getClientAddress().host \
+    assert (
+        request_from("127.0.0.1", "6.6.6.6, 203.0.113.9, 127.0.0.1").getClientAddress().host
         == "203.0.113.9"
+    )
     assert request_from("198.51.100.7", "203.0.113.9").getClientAddress().host == "198.51.100.7"
     assert request_from("127.0.0.1", "garbage").getClientAddress().host == "127.0.0.1"

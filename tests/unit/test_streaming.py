@@ -19,7 +19,8 @@ def collect_stream(h: Harness, body: dict[str, Any]) -> tuple[Any, list[bytes]]:
 def test_stream_headers_and_events_in_order() -> None:
     h = Harness()
     answer = h.request(
-        "POST", "/v1/chat/completions",
+        "POST",
+        "/v1/chat/completions",
         chat("one two", stream=True, stream_options={"include_usage": True}),
     )
     assert answer.code == 200
@@ -28,7 +29,7 @@ def test_stream_headers_and_events_in_order() -> None:
     assert answer.header("x-accel-buffering") == "no"
     found = events(answer.body)
     assert found[-1] == "data: [DONE]"
-    chunks = [json.loads(e[len("data: "):]) for e in found[:-1]]
+    chunks = [json.loads(e[len("data: ") :]) for e in found[:-1]]
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
     assert text == "Hello from a! You said: one two"
@@ -39,7 +40,8 @@ def test_stream_headers_and_events_in_order() -> None:
 def test_usage_chunk_passes_through_byte_for_byte() -> None:
     h = Harness()
     answer = h.request(
-        "POST", "/v1/chat/completions",
+        "POST",
+        "/v1/chat/completions",
         chat("x", stream=True, stream_options={"include_usage": True}),
     )
     usage_events = [e for e in events(answer.body) if '"choices":[]' in e]
@@ -50,8 +52,7 @@ def test_usage_chunk_passes_through_byte_for_byte() -> None:
 
 def test_events_reach_the_client_before_the_stream_ends() -> None:
     h = Harness()
-    response, chunks, done = collect_stream(h, chat("a b c", stream=True,
-                                                    mock={"interval": 1.0}))
+    response, chunks, done = collect_stream(h, chat("a b c", stream=True, mock={"interval": 1.0}))
     h.pump()
     first = b"".join(chunks)
     assert first.count(b"\n\n") == 1  # the role chunk, sent at once
@@ -92,8 +93,11 @@ def test_clean_close_without_done_is_also_a_truncation() -> None:
 def test_idle_timeout_mid_stream_closes_the_upstream() -> None:
     # stall_after_headers with stall_after=2 never finishes; the idle timeout ends it.
     h2 = Harness(config_text(timeouts="{idle: 5}"))
-    d = h2.start("POST", "/v1/chat/completions",
-                 chat(stream=True, mock={"stall_after_headers": True, "stall_after": 2}))
+    d = h2.start(
+        "POST",
+        "/v1/chat/completions",
+        chat(stream=True, mock={"stall_after_headers": True, "stall_after": 2}),
+    )
     response = h2.result(d)
     chunks: list[bytes] = []
     done = response.collect(chunks.append)
@@ -125,8 +129,11 @@ def test_paused_client_does_not_trip_the_idle_timer() -> None:
 
 def test_total_timeout_ends_a_long_stream() -> None:
     h = Harness(config_text(timeouts="{idle: 5, total: 12}"))
-    d = h.start("POST", "/v1/chat/completions",
-                chat(stream=True, mock={"infinite": True, "interval": 1.0, "chunk_bytes": 10}))
+    d = h.start(
+        "POST",
+        "/v1/chat/completions",
+        chat(stream=True, mock={"infinite": True, "interval": 1.0, "chunk_bytes": 10}),
+    )
     response = h.result(d)
     chunks: list[bytes] = []
     done = response.collect(chunks.append)
@@ -141,8 +148,11 @@ def test_total_timeout_ends_a_long_stream() -> None:
 
 def test_client_disconnect_closes_the_upstream() -> None:
     h = Harness()
-    d = h.start("POST", "/v1/chat/completions",
-                chat(stream=True, mock={"infinite": True, "interval": 1.0, "chunk_bytes": 10}))
+    d = h.start(
+        "POST",
+        "/v1/chat/completions",
+        chat(stream=True, mock={"infinite": True, "interval": 1.0, "chunk_bytes": 10}),
+    )
     response = h.result(d)
     h.clock.advance(1.0)
     h.pump()

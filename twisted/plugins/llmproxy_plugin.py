@@ -11,7 +11,7 @@ llmproxy = ServiceMaker(
     "llmproxy",
 )
 
-llmproxyMock = ServiceMaker(
+llmproxy_mock = ServiceMaker(
     "llmproxy-mock",
     "llmproxy.testing.tap",
     "A mock OpenAI-compatible upstream, for trying llmproxy without an API key.",
