@@ -137,6 +137,7 @@ class Gateway:
 
     def _begin(self, request: IRequest, endpoint: str) -> str:
         rid = request_id(request)
+        self._default_cache_header(request)
         self.inflight += 1
         self.metrics.inflight.inc()
 
@@ -272,8 +273,14 @@ class Gateway:
 
     # -- errors --------------------------------------------------------------------
 
+    def _default_cache_header(self, request: IRequest) -> None:
+        """Every answer says what the cache did; the pipeline refines it."""
+        if not request.responseHeaders.hasHeader(b"x-llmproxy-cache"):
+            request.setHeader("x-llmproxy-cache", "bypass" if self.cache.enabled else "off")
+
     def _render_error(self, request: IRequest, error: errors.APIError) -> bytes:
         request_id(request)
+        self._default_cache_header(request)
         if getattr(request, "startedWriting", False):
             # Headers are gone: the only honest signal left is in the body.
             ctype = request.responseHeaders.getRawHeaders(b"content-type") or [b""]

@@ -110,6 +110,11 @@ class HTTPService(Service):
                 self.log.warn(
                     "drain timed out with {count} requests in flight", count=self.gateway.inflight
                 )
+        # Let the last bytes written reach the clients before the reactor stops.
+        try:
+            await self.site.close_connections().addTimeout(2.0, self.reactor)
+        except DeferTimeoutError:
+            self.log.warn("some client connections did not close in time")
 
     def stopService(self) -> Deferred[None]:
         super().stopService()

@@ -16,6 +16,9 @@ import ipaddress
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
@@ -90,7 +93,22 @@ class GatewayRequest(Request):
         return peer
 
 
+class GatewayChannel(HTTPChannel):
+    """HTTP/1.1 channel that tells its site when it opens and closes (for draining)."""
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.closed: Deferred[None] = Deferred()
+        self.site.channels.add(self)  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        super().connectionLost(reason)
+        self.site.channels.discard(self)  # type: ignore[attr-defined]
+        self.closed.callback(None)
+
+
 class GatewaySite(Site):
+    protocol = GatewayChannel  # type: ignore[assignment]
     requestFactory = GatewayRequest
     displayTracebacks = False
 
@@ -104,3 +122,14 @@ class GatewaySite(Site):
         super().__init__(resource, **kwargs)
         self.max_body_bytes = max_body_bytes
         self.trusted_proxies = frozenset(trusted_proxies)
+        self.channels: set[GatewayChannel] = set()
+
+    def close_connections(self) -> Deferred[Any]:
+        """
+        Close every client connection once its buffered output is written
+        (loseConnection flushes first); fires when all are closed.
+        """
+        waiting = [channel.closed for channel in self.channels]
+        for channel in list(self.channels):
+            channel.loseConnection()
+        return DeferredList(waiting)

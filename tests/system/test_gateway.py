@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -254,3 +255,46 @@ def test_llmproxy_help_documents_options() -> None:
     )
     assert done.returncode == 0
     assert "--config" in done.stdout and "--listen" in done.stdout
+
+
+def test_graceful_shutdown_drains_in_flight_streams(tmp_path: Path, mock: Mock) -> None:
+    from tests.system.conftest import CORE_MODELS
+    from tests.system.procs import port_open, upstream_block
+
+    proxy = Proxy(
+        tmp_path, upstream_block([mock], api_key=UPSTREAM_KEY) + CORE_MODELS, name="draining"
+    )
+    try:
+        sock = raw_request(
+            proxy.port,
+            {
+                "model": "gpt-4o-mini",
+                "stream": True,
+                "messages": [{"role": "user", "content": "drain me please"}],
+                "mock": {"interval": 0.1},
+            },
+        )
+        received = b""
+
+        def started() -> bool:
+            nonlocal received
+            received += sock.recv(65536)
+            return b"data: " in received
+
+        wait_for(started, what="the stream to start")
+        proxy.process.signal(signal.SIGTERM)
+        # The listening port closes at once; the stream in flight still finishes.
+        wait_for(lambda: not port_open(proxy.port), what="the port to close")
+        sock.settimeout(10)
+        while not received.endswith(b"0\r\n\r\n"):
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed before the stream finished: {received!r}"
+            received += chunk
+        assert b"data: [DONE]" in received
+        assert b"event: error" not in received
+        # twistd re-raises the signal it stopped on, so "killed by SIGTERM" is a clean exit.
+        assert proxy.process.proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        assert "draining 1 in-flight requests" in proxy.process.log()
+        assert "Traceback" not in proxy.process.log()
+    finally:
+        proxy.stop()

@@ -32,6 +32,7 @@ def assert_openai_error(answer: Answer, status: int, code: str | None = None) ->
     if code is not None:
         assert error["code"] == code
     assert answer.header("x-request-id")
+    assert answer.header("x-llmproxy-cache") in ("bypass", "miss", "off")
     return error
 
 
