@@ -204,7 +204,7 @@ class Pipeline:
         if model is None:
             raise errors.model_not_found(call.model)
         self.auth.authorize(principal, model.name)
-        self.limiter.check(principal)
+        await self.limiter.check(principal)
         controls = parse_controls(call.headers.get("cache-control"), call.payload.get("cache"))
 
         pinned = None
@@ -267,7 +267,7 @@ class Pipeline:
         observer = _Observer(call.endpoint)
         plan = await self.router.plan(model, exchange.pinned)
         stored = await self._forward(call, model, plan, sink, observer)
-        self.limiter.charge_tokens(exchange.principal, observer.usage_tokens)
+        await self.limiter.charge_tokens(exchange.principal, observer.usage_tokens)
         self.metrics.tokens(model.name, exchange.principal.name, observer.usage_tokens)
         if key is None or not controls.store:
             return

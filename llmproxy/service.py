@@ -28,7 +28,7 @@ from llmproxy.cache.store import CacheBackend
 from llmproxy.config import Config
 from llmproxy.forwarder import Forwarder, Redactor, UpstreamClient, upstream_client
 from llmproxy.health import ActiveChecker, HealthStore, LocalHealth, RedisHealth
-from llmproxy.limits import MemoryLimiter
+from llmproxy.limits import Limiter, MemoryLimiter, RedisLimiter
 from llmproxy.metrics import Metrics
 from llmproxy.pipeline import Pipeline
 from llmproxy.redisclient import SharedRedis
@@ -177,6 +177,9 @@ def build_gateway(
             redis, namespace, MemoryAffinity(reactor, config.routing.affinity_ttl)
         )
     router = Router(config, reactor, health=health, affinity=affinity)
+    limiter: Limiter = MemoryLimiter(reactor)
+    if redis is not None:
+        limiter = RedisLimiter(redis, namespace, MemoryLimiter(reactor))
     auth = Authenticator(config.auth)
     forwarder = Forwarder(reactor, config.upstreams, clients, Redactor(config.secrets()))
     cache = ResponseCache(
@@ -190,7 +193,7 @@ def build_gateway(
     pipeline = Pipeline(
         reactor,
         auth,
-        MemoryLimiter(reactor),
+        limiter,
         router,
         forwarder,
         cache,

@@ -82,3 +82,32 @@ def test_killed_and_restarted_redis(
     assert json.loads(purge.read())["error"]["code"] == "cache_unavailable"
     redis_server.start()  # same port, empty: the proxy reconnects on its own
     wait_for(lambda: caching_works(redis_proxy), timeout=30, what="caching to resume")
+
+
+def test_two_proxies_share_rate_limits(
+    tmp_path: Path, fresh_mock: Mock, redis_server: RedisServer
+) -> None:
+    text = cache_config(fresh_mock, "off", redis_server).replace(
+        "{name: team-a, key: key-a}", "{name: team-a, key: key-a, rpm: 3}"
+    )
+    first, second = Proxy(tmp_path, text, "p1"), Proxy(tmp_path, text, "p2")
+    try:
+        for proxy in (first, second, first):
+            assert post(proxy, chat(f"limited {proxy.port}"))[0] == 200
+        conn = http.client.HTTPConnection("127.0.0.1", second.port, timeout=10)
+        conn.request(
+            "POST",
+            "/v1/chat/completions",
+            json.dumps(chat("one too many")),
+            {"Authorization": "Bearer key-a"},
+        )
+        refused = conn.getresponse()
+        assert refused.status == 429
+        assert int(refused.getheader("Retry-After") or "0") >= 1
+        assert json.loads(refused.read())["error"]["code"] == "rate_limit_exceeded"
+        keys = redis_server.cli_call("--scan", "--pattern", "llmproxy:limit:requests:team-a:*")
+        assert sum(int(redis_server.cli_call("GET", k)) for k in keys.split()) == 3
+        assert len(fresh_mock.requests()) == 3
+    finally:
+        first.stop()
+        second.stop()

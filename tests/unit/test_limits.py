@@ -1,0 +1,71 @@
+"""Per-key limits on a Clock: sliding window, tokens charged from usage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from llmproxy.auth import Principal
+from llmproxy.config import ApiKey
+from llmproxy.errors import APIError
+from llmproxy.limits import MemoryLimiter, estimate, retry_after
+from tests.harness import Harness, chat, config_text
+
+
+def run(coro: Any) -> Any:
+    results: list[Any] = []
+    Deferred.fromCoroutine(coro).addBoth(results.append)
+    if hasattr(results[0], "raiseException"):
+        results[0].raiseException()
+    return results[0]
+
+
+def test_sliding_estimate_and_retry_after() -> None:
+    assert estimate(previous=60, current=0, now=30.0) == 30  # half of the last minute
+    assert estimate(previous=60, current=10, now=45.0) == 25
+    # 10 allowed, 20 in the previous minute, none now: free once 10 of them slid out.
+    assert retry_after(previous=20, current=0, limit=10, now=60.0) == 30
+    assert retry_after(previous=0, current=10, limit=10, now=75.0) == 45
+
+
+def test_rpm_slides_with_the_clock() -> None:
+    clock = Clock()
+    limiter = MemoryLimiter(clock)
+    who = Principal("k", ApiKey(name="k", key="x", rpm=2))
+    run(limiter.check(who))
+    run(limiter.check(who))
+    with pytest.raises(APIError) as info:
+        run(limiter.check(who))
+    assert info.value.status == 429 and info.value.headers["Retry-After"] == "60"
+    clock.advance(90)  # next minute, half-way: the estimate is 1
+    run(limiter.check(who))
+    with pytest.raises(APIError):
+        run(limiter.check(who))
+
+
+def test_tpm_counts_usage_tokens() -> None:
+    text = (
+        config_text()
+        + ("auth:\n  keys:\n    - {name: t, key: tk, tpm: 10}\n")
+        + "cache: {backend: off}\n"
+    )
+    h = Harness(text)
+    auth = {"Authorization": "Bearer tk"}
+    first = h.request("POST", "/v1/chat/completions", chat("one two three"), headers=auth)
+    assert first.code == 200 and first.json()["usage"]["total_tokens"] == 11  # 3 in, 8 out
+    over = h.request("POST", "/v1/chat/completions", chat("again"), headers=auth)
+    assert over.code == 429 and "tokens per minute" in over.json()["error"]["message"]
+    h.clock.advance(120)
+    assert h.request("POST", "/v1/chat/completions", chat("later"), headers=auth).code == 200
+
+
+def test_streamed_usage_is_charged_too() -> None:
+    text = config_text() + "auth:\n  keys:\n    - {name: t, key: tk, tpm: 5}\n"
+    h = Harness(text)
+    auth = {"Authorization": "Bearer tk"}
+    body = chat("x", stream=True, stream_options={"include_usage": True})
+    assert h.request("POST", "/v1/chat/completions", body, headers=auth).code == 200
+    assert h.request("POST", "/v1/chat/completions", chat("y"), headers=auth).code == 429
