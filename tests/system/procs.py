@@ -263,3 +263,46 @@ class RedisServer:
             self.resume()
             self.process.stop()
             self.process = None
+
+
+class Nginx:
+    """nginx in front of a proxy, with the shipped site config (etc/nginx/llmproxy.conf)."""
+
+    SITE = Path(__file__).resolve().parents[2] / "etc" / "nginx" / "llmproxy.conf"
+
+    def __init__(self, tmp: Path, proxy_port: int) -> None:
+        binary = require_binary("nginx", "nginx")
+        self.port = free_port()
+        root = tmp / "nginx"
+        (root / "logs").mkdir(parents=True, exist_ok=True)
+        site = self.SITE.read_text()
+        site = site.replace("server 127.0.0.1:8080", f"server 127.0.0.1:{proxy_port}")
+        site = site.replace("listen 80;", f"listen 127.0.0.1:{self.port};")
+        site = site.replace("listen [::]:80;", "")
+        site = site.replace("/var/log/nginx/", f"{root}/logs/")
+        (root / "site.conf").write_text(site)
+        temp = "".join(
+            f"    {name}_temp_path {root}/{name};\n"
+            for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        (root / "nginx.conf").write_text(
+            f"daemon off;\nworker_processes 1;\npid {root}/nginx.pid;\n"
+            f"error_log {root}/logs/error.log;\nevents {{ worker_connections 256; }}\n"
+            f"http {{\n{temp}    access_log off;\n    include {root}/site.conf;\n}}\n"
+        )
+        self.process = Process(
+            [binary, "-p", str(root), "-c", str(root / "nginx.conf")], root / "logs" / "stdout.log"
+        )
+        wait_for(lambda: self._ready(), what=f"nginx on port {self.port}")
+
+    def _ready(self) -> bool:
+        if self.process.proc.poll() is not None:
+            raise AssertionError(f"nginx exited early:\n{self.process.log()}")
+        return port_open(self.port)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def stop(self) -> None:
+        self.process.stop()
