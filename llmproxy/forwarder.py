@@ -247,6 +247,7 @@ class Exchange:
     deadline: float
     release: Callable[[], None]
     body_stream: _BodyStream | None = None
+    closed: bool = False
 
     def client_headers(self) -> dict[str, str]:
         found = {}
@@ -277,9 +278,13 @@ class Exchange:
         return self.forwarder.redact(b"".join(chunks))
 
     def close(self) -> None:
-        """Abandon the exchange: close the upstream connection now."""
+        """Abandon the exchange: close the upstream connection now (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
         if self.body_stream is not None:
-            self.body_stream.stopProducing()
+            if not self.body_stream.done.called:
+                self.body_stream.stopProducing()
         else:
             self.response.deliverBody(_Discard())
             self.release()

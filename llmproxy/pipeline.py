@@ -15,6 +15,7 @@ a visible error event after it, nothing stored that did not complete.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -84,14 +85,21 @@ class ClientSink(Protocol):
     def unregister_producer(self) -> None: ...
 
 
+_LENGTH = re.compile(r'"finish_reason"\s*:\s*"length"')
+
+
 @attrs.define
 class _Observer:
-    """Watches an answer go by: token usage, response ids, terminal event."""
+    """
+    Watches an answer go by: token usage, response ids, the terminal event, and
+    whatever makes it unfit for the cache (an error event, a truncated answer).
+    """
 
     endpoint: str
     usage_tokens: int = 0
     response_ids: list[str] = attrs.field(factory=list)
     terminal: str | None = None
+    uncacheable: str | None = None
 
     def json(self, payload: object) -> None:
         if not isinstance(payload, dict):
@@ -107,6 +115,11 @@ class _Observer:
             self.terminal = "[DONE]"
             return
         kind = event.event
+        if kind == "error" or (kind is None and '"error"' in event.data and _has_error(event.data)):
+            # e.g. vLLM's `data: {"error": ...}` followed by `data: [DONE]`
+            self.uncacheable = "error_event"
+        elif kind is None and _LENGTH.search(event.data):
+            self.uncacheable = "truncated"
         if kind in ("response.created", "response.completed") or (
             kind is None and '"usage":{' in event.data
         ):
@@ -124,6 +137,22 @@ class _Observer:
     def complete(self) -> bool:
         """Ended with the terminal event of a finished answer (cacheable)."""
         return self.terminal in ("[DONE]", "response.completed")
+
+
+def _has_error(data: str) -> bool:
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        return False
+    return isinstance(payload, dict) and bool(payload.get("error"))
+
+
+def _is_openai_error(body: bytes) -> bool:
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(payload, dict) and isinstance(payload.get("error"), dict | str)
 
 
 def _worth_storing(endpoint: str, body: bytes) -> bool:
@@ -266,13 +295,14 @@ class Pipeline:
         call, model, controls, key = exchange.call, exchange.model, exchange.controls, exchange.key
         observer = _Observer(call.endpoint)
         plan = await self.router.plan(model, exchange.pinned)
-        stored = await self._forward(call, model, plan, sink, observer)
+        record = key is not None and controls.store
+        stored = await self._forward(call, model, plan, sink, observer, record)
         await self.limiter.charge_tokens(exchange.principal, observer.usage_tokens)
         self.metrics.tokens(model.name, exchange.principal.name, observer.usage_tokens)
         if key is None or not controls.store:
             return
         if stored is None:
-            self.cache.skip("incomplete_or_error")
+            self.cache.skip(observer.uncacheable or "incomplete_or_error")
         elif sink.gone:
             self.cache.skip("client_gone")
         else:
@@ -322,13 +352,23 @@ class Pipeline:
     # -- forwarding ----------------------------------------------------------------
 
     async def _forward(
-        self, call: Call, model: Model, plan: Plan, sink: ClientSink, observer: _Observer
+        self,
+        call: Call,
+        model: Model,
+        plan: Plan,
+        sink: ClientSink,
+        observer: _Observer,
+        record: bool = False,
     ) -> Entry | None:
-        """Try targets until one answers; relay it.  Returns the entry to cache, if any."""
+        """
+        Try targets until one answers, and relay its answer.  Returns what to
+        cache (only when ``record`` and the answer completed).
+        """
         last: UpstreamFailure | None = None
         while (target := await plan.next()) is not None:
             body = rewrite_body(call.body, target.model or None) if call.body else None
             started = self.reactor.seconds()
+            exchange: Exchange | None = None
             try:
                 exchange = await self.forwarder.open(
                     target,
@@ -341,9 +381,10 @@ class Pipeline:
                 )
                 ttfb = self.reactor.seconds() - started
                 streaming = _is_event_stream(exchange)
-                if not streaming:
-                    data = await exchange.read()
+                data = b"" if streaming else await exchange.read()
             except CancelledError:
+                if exchange is not None:
+                    exchange.close()
                 plan.finished(target)
                 raise
             except UpstreamFailure as failure:
@@ -361,12 +402,26 @@ class Pipeline:
                 if plan.retryable(failure):
                     continue
                 break
-            await plan.succeeded(target, ttfb)
             self.metrics.attempt(target.upstream, "ok", exchange.status, ttfb)
             try:
-                if streaming:
-                    return await self._relay(call, exchange, sink, observer)
-                return await self._answer(call, exchange, data, sink, observer)
+                try:
+                    if streaming:
+                        entry, broke = await self._relay(call, exchange, sink, observer, record)
+                    else:
+                        entry, broke = (
+                            await self._answer(call, exchange, data, sink, observer),
+                            None,
+                        )
+                except CancelledError:
+                    exchange.close()
+                    raise
+                # The target's health is judged once its answer is over: a
+                # stream cut or stalled after its headers counts against it.
+                if broke is None:
+                    await plan.succeeded(target, ttfb)
+                else:
+                    await plan.broke(target, broke)
+                return entry if record else None
             finally:
                 plan.finished(target)
 
@@ -378,18 +433,35 @@ class Pipeline:
         raise last.to_api_error()
 
     def _pass_error(self, failure: UpstreamFailure, sink: ClientSink, plan: Plan) -> None:
-        """An upstream HTTP error goes to the client as it came (redacted)."""
+        """
+        The last upstream HTTP error goes to the client with its status and,
+        when it is an OpenAI-shaped JSON error, its body as it came (redacted).
+        Anything else (an HTML page from a load balancer, an empty body) is
+        wrapped, so a client always gets the OpenAI error shape.
+        """
+        assert failure.status is not None
         headers = {"content-type": "application/json"}
         if failure.headers is not None:
-            for name in ("content-type", "retry-after", "retry-after-ms"):
+            for name in ("retry-after", "retry-after-ms"):
                 value = failure.headers.getRawHeaders(name)
                 if value:
                     headers[name] = value[0]
         if plan.tried:
             headers["x-llmproxy-upstream"] = plan.tried[-1].upstream
-        assert failure.status is not None
+        body = failure.body
+        if not _is_openai_error(body):
+            body = errors.APIError(
+                failure.status,
+                f"The upstream answered HTTP {failure.status}",
+                type="upstream_error",
+                code="upstream_error",
+            ).body()
+        elif failure.headers is not None:
+            value = failure.headers.getRawHeaders("content-type")
+            if value:
+                headers["content-type"] = value[0]
         sink.start(failure.status, headers)
-        sink.write(failure.body)
+        sink.write(body)
 
     async def _answer(
         self, call: Call, exchange: Exchange, data: bytes, sink: ClientSink, observer: _Observer
@@ -404,25 +476,33 @@ class Pipeline:
         await self._remember(observer, exchange.target)
         sink.start(exchange.status, headers)
         sink.write(data)
-        if exchange.status == 200 and _worth_storing(call.endpoint, data):
-            return Entry(
-                status=200,
-                content_type=headers.get("content-type", "application/json"),
-                body=data,
-                stream=False,
-                upstream=exchange.target.upstream,
-            )
-        return None
+        if exchange.status != 200 or not _worth_storing(call.endpoint, data):
+            observer.uncacheable = "incomplete_or_error"
+            return None
+        if len(data) > self.max_record:
+            observer.uncacheable = "too_large"
+            return None
+        return Entry(
+            status=200,
+            content_type=headers.get("content-type", "application/json"),
+            body=data,
+            stream=False,
+            upstream=exchange.target.upstream,
+        )
 
     async def _relay(
-        self, call: Call, exchange: Exchange, sink: ClientSink, observer: _Observer
-    ) -> Entry | None:
-        """Relay an event stream as it arrives, event by event, with backpressure."""
+        self, call: Call, exchange: Exchange, sink: ClientSink, observer: _Observer, record: bool
+    ) -> tuple[Entry | None, UpstreamFailure | None]:
+        """
+        Relay an event stream as it arrives, event by event, with backpressure.
+        Returns the entry to cache (when recording and it completed) and the
+        failure that cut it after its headers, if any.
+        """
         parser = SSEParser()
         recorded: list[bytes] = []
+        size = [0]
         redact = self.forwarder.redact
         target = exchange.target
-
         remembering: list[Deferred[None]] = []
 
         def on_data(data: bytes) -> None:
@@ -431,7 +511,13 @@ class Pipeline:
                 observer.event(event)
                 if observer.response_ids:
                     remembering.append(Deferred.fromCoroutine(self._remember(observer, target)))
-                recorded.append(raw)
+                if record and observer.uncacheable is None:
+                    size[0] += len(raw)
+                    if size[0] > self.max_record:
+                        observer.uncacheable = "too_large"
+                        recorded.clear()  # never hold a whole long stream
+                    else:
+                        recorded.append(raw)
                 sink.write(raw)
 
         headers = dict(SSE_HEADERS, **{"x-llmproxy-upstream": target.upstream})
@@ -439,47 +525,49 @@ class Pipeline:
         done = exchange.relay(on_data)
         assert exchange.body_stream is not None
         sink.register_producer(exchange.body_stream)
-        clean = False
+        broke: UpstreamFailure | None = None
         try:
             await done
-            clean = True
         except CancelledError:
             exchange.close()
             raise
         except UpstreamFailure as failure:
-            self.metrics.attempt(target.upstream, "cut_" + failure.kind, None)
-            self.log.warn(
-                "request {request_id}: stream from {upstream} ended early: {failure}",
-                request_id=call.request_id,
-                upstream=target.upstream,
-                failure=str(failure),
-            )
-            if not sink.gone:
-                sink.write(failure.to_api_error().sse_event())
+            broke = failure
         finally:
             if not sink.gone:
                 sink.unregister_producer()
         for pending in remembering:
             await pending
-        if not clean:
-            return None
-        tail = parser.pending()
-        if tail:
-            sink.write(redact(tail))
-        if observer.terminal is None:
-            # A clean close without the terminal event is a cut all the same.
-            sink.write(
-                errors.bad_gateway("The upstream ended the stream before it finished").sse_event()
+        if broke is None:
+            tail = parser.pending()
+            if tail:
+                sink.write(redact(tail))
+            if observer.terminal is None:
+                broke = UpstreamFailure("cut", "the upstream ended the stream before it finished")
+        if broke is not None:
+            # After the first byte nothing is retried: the client sees the cut.
+            self.metrics.attempt(target.upstream, "cut_" + broke.kind, None)
+            self.log.warn(
+                "request {request_id}: stream from {upstream} ended early: {failure}",
+                request_id=call.request_id,
+                upstream=target.upstream,
+                failure=str(broke),
             )
-            return None
-        if not observer.complete or sink.gone:
-            return None
-        return Entry(
-            status=200,
-            content_type=headers["content-type"],
-            body=b"".join(recorded),
-            stream=True,
-            upstream=target.upstream,
+            sink.write(broke.to_api_error().sse_event())
+            return None, broke
+        if not record or not observer.complete or observer.uncacheable or sink.gone:
+            if observer.uncacheable is None:
+                observer.uncacheable = "client_gone" if sink.gone else "incomplete_or_error"
+            return None, None
+        return (
+            Entry(
+                status=200,
+                content_type=headers["content-type"],
+                body=b"".join(recorded),
+                stream=True,
+                upstream=target.upstream,
+            ),
+            None,
         )
 
     async def _remember(self, observer: _Observer, target: Target) -> None:

@@ -58,11 +58,16 @@ class Plan:
         return target
 
     async def succeeded(self, target: Target, ttfb: float) -> None:
-        """The response headers arrived with a 2xx (the target stays in flight)."""
+        """The whole answer arrived (``ttfb``: the time to its headers)."""
         await self.router.succeeded(target, ttfb)
 
     async def failed(self, target: Target, failure: UpstreamFailure) -> None:
+        """The attempt failed before any byte reached the client."""
         self.router.done(target)
+        await self.router.failed(target, failure)
+
+    async def broke(self, target: Target, failure: UpstreamFailure) -> None:
+        """The answer was cut or stalled after its headers (the exchange is still open)."""
         await self.router.failed(target, failure)
 
     def finished(self, target: Target) -> None:

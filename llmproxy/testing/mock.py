@@ -21,6 +21,7 @@ from a ``mock`` object in the request body (that request only)::
     words                   how many content deltas (default: the reply's words)
     infinite, chunk_bytes   stream filler events forever, as a push producer
     omit_done               end a chat stream cleanly but without ``data: [DONE]``
+    error_chunk             end a chat stream with ``data: {"error": ...}`` then ``[DONE]``
     echo_auth               put the received Authorization header in an error body
     gzip                    gzip the response body
     redirect                answer 302 to this location
@@ -441,6 +442,15 @@ class MockUpstream:
                     }
                 )
             )
+        if knobs.get("error_chunk"):
+            # What vLLM sends on an internal error: an error chunk, then [DONE].
+            error = {
+                "message": str(knobs["error_chunk"]),
+                "type": "server_error",
+                "param": None,
+                "code": 500,
+            }
+            events.insert(len(events) - 1 if include_usage else len(events), _sse({"error": error}))
         if not knobs.get("omit_done"):
             events.append(_sse("[DONE]"))
         return self._stream(request, events, knobs)

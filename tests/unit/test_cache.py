@@ -412,3 +412,36 @@ class _Hangup:
 
     def connectionLost(self, reason: Any) -> None:
         pass
+
+
+def test_error_event_streams_are_not_stored() -> None:
+    h = cached()
+    body = chat("oom", stream=True, mock={"error_chunk": "CUDA out of memory"})
+    first = ask(h, body)
+    assert 'data: {"error":{"message":"CUDA out of memory"' in first.body.decode()
+    assert events(first.body)[-1] == "data: [DONE]"
+    assert ask(h, body).header("x-llmproxy-cache") == "miss"
+    assert h.request("GET", "/stats").json()["cache"]["skipped"]["error_event"] == 2
+
+
+def test_truncated_answers_are_not_stored() -> None:
+    from llmproxy.pipeline import _Observer
+    from llmproxy.sse import parse_event
+
+    observer = _Observer("chat/completions")
+    observer.event(parse_event(b'data: {"choices":[{"delta":{},"finish_reason": "length"}]}\n\n'))
+    assert observer.uncacheable == "truncated"
+    fine = _Observer("chat/completions")
+    fine.event(parse_event(b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\n'))
+    fine.event(parse_event(b'event: error\ndata: {"type": "error"}\n\n'))
+    assert fine.uncacheable == "error_event"
+
+
+def test_streams_larger_than_the_record_limit_are_not_held() -> None:
+    h = cached()
+    h.gateway.pipeline.max_record = 2000
+    body = chat("long", stream=True, mock={"words": 50})
+    first = ask(h, body)
+    assert events(first.body)[-1] == "data: [DONE]"
+    assert ask(h, body).header("x-llmproxy-cache") == "miss"
+    assert h.request("GET", "/stats").json()["cache"]["skipped"]["too_large"] >= 1

@@ -391,3 +391,62 @@ def test_active_health_checks() -> None:
 def test_every_strategy_serves_and_fails_over(strategy: str) -> None:
     h = gateway(strategy, clients={"b": Refused()})
     assert "b" not in served_by(h, 12)
+
+
+def test_streams_cut_after_headers_count_against_the_target() -> None:
+    h = gateway("priority", extra="routing: {cooldown: {failures: 3, seconds: 60}}\n")
+    h.mocks["a"].config = {"cut_after": 2}
+    for i in range(3):
+        answer = h.request("POST", "/v1/chat/completions", chat(f"c{i}", stream=True))
+        assert answer.header("x-llmproxy-upstream") == "a" and b"event: error" in answer.body
+    assert h.gateway.router.health_report()["a/up-a"]["state"] == "cooling_down"
+    assert served_by(h, 1, stream=True) == ["b"]
+
+
+def test_non_json_upstream_errors_are_wrapped_json_ones_pass() -> None:
+    h = gateway("priority", extra="routing: {retries: 0}\n")
+    h.mocks["a"].config = {"status": 503, "body": "<html>bad gateway</html>"}
+    answer = h.request("POST", "/v1/chat/completions", chat("html"))
+    assert answer.code == 503 and answer.header("content-type") == "application/json"
+    assert answer.json()["error"]["code"] == "upstream_error"
+    body = {
+        "error": {
+            "message": "overloaded",
+            "type": "server_error",
+            "param": None,
+            "code": "overloaded",
+        }
+    }
+    h.mocks["a"].config = {"status": 529, "body": body}
+    passed = h.request("POST", "/v1/chat/completions", chat("json"))
+    assert passed.code == 529 and passed.json() == body
+
+
+def test_connection_slots_are_released_on_every_path() -> None:
+    h = gateway("priority")
+    slots = h.gateway.pipeline.forwarder.slots["a"]
+    full = slots.tokens
+    h.request("POST", "/v1/chat/completions", chat("ok"))
+    h.request("POST", "/v1/chat/completions", chat("cut", stream=True, mock={"cut_after": 1}))
+    h.request("POST", "/v1/chat/completions", chat("err", mock={"status": 400}))
+    d = h.start(
+        "POST",
+        "/v1/chat/completions",
+        chat("gone", stream=True, mock={"interval": 1.0, "infinite": True}),
+    )
+    response = h.result(d)
+    response.original.deliverBody(_Hangup())
+    h.pump()
+    assert slots.tokens == full
+    assert h.gateway.router.inflight.get("a/up-a", 0) == 0
+
+
+class _Hangup:
+    def makeConnection(self, transport: Any) -> None:
+        transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Any) -> None:
+        pass
