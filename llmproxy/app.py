@@ -32,6 +32,7 @@ from llmproxy.router import Router
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _RID_ATTR = "_llmproxy_request_id"
+_RESPONSE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,255}$")
 
 
 def request_id(request: IRequest) -> str:
@@ -179,6 +180,10 @@ class Gateway:
         await self.pipeline.handle(call, RequestSink(request))
 
     async def _response_object(self, request: IRequest, response_id: str, suffix: str) -> None:
+        if not _RESPONSE_ID.match(response_id):
+            # Never let a client shape the upstream URL (no '?', '#', '/' or '..').
+            self._begin(request, "responses/invalid")
+            raise errors.response_not_found(response_id)
         endpoint = "responses/" + (suffix.strip("/") or request.method.decode().lower())
         path = f"/responses/{response_id}{suffix}"
         call = self._call(request, endpoint, path, response_id=response_id)

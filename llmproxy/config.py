@@ -54,8 +54,8 @@ class Timeouts:
 class Upstream:
     name: str
     base_url: str
-    api_key: str | None = None
-    headers: Mapping[str, str] = attrs.field(factory=dict)
+    api_key: str | None = attrs.field(default=None, repr=False)
+    headers: Mapping[str, str] = attrs.field(factory=dict, repr=False)
     max_connections: int = 64
     timeouts: Timeouts = Timeouts()
 
@@ -159,6 +159,12 @@ class Config:
     def secrets(self) -> tuple[str, ...]:
         """Every configured secret, for redaction: upstream keys first."""
         found = [u.api_key for u in self.upstreams.values() if u.api_key]
+        found += [
+            value
+            for u in self.upstreams.values()
+            for name, value in u.headers.items()
+            if any(word in name.lower() for word in ("key", "token", "auth", "secret"))
+        ]
         found += [k.key for k in self.auth.keys if k.key]
         found += list(self.auth.admin_keys)
         return tuple(s for s in found if len(s) >= 4)
@@ -450,12 +456,19 @@ def _redis(raw: object, path: str) -> Redis:
     return Redis(url=url, timeout=s.get("timeout", _number(0, allow_equal=False), 0.25))
 
 
+def _ttl(value: object, path: str) -> float:
+    seconds = _number(0, allow_equal=False)(value, path)
+    if seconds > 365 * 24 * 3600:
+        raise ConfigError(path, "must be at most one year (31536000 seconds)")
+    return seconds
+
+
 def _cache(raw: object, path: str) -> Cache:
     s = _Section(raw, path, ("backend", "ttl", "namespace", "max_bytes", "scope"))
     d = Cache()
     return Cache(
         backend=s.get("backend", _choice(CACHE_BACKENDS), d.backend),
-        ttl=s.get("ttl", _number(0, allow_equal=False), d.ttl),
+        ttl=s.get("ttl", _ttl, d.ttl),
         namespace=s.get("namespace", _string, d.namespace),
         max_bytes=s.get("max_bytes", _integer(1), d.max_bytes),
         scope=s.get("scope", _choice(CACHE_SCOPES), d.scope),

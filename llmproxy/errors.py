@@ -68,6 +68,15 @@ def model_not_found(model: str) -> APIError:
     )
 
 
+def response_not_found(response_id: str) -> APIError:
+    return APIError(
+        404,
+        f"No response with id '{response_id[:100]}' is known to this proxy.",
+        param="response_id",
+        code="response_not_found",
+    )
+
+
 def route_not_found(path: str) -> APIError:
     return APIError(404, f"Unknown route: {path}", code="not_found")
 

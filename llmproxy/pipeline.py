@@ -316,12 +316,7 @@ class Pipeline:
         if target is None:
             upstreams = list(self.forwarder.upstreams)
             if len(upstreams) != 1:
-                raise errors.APIError(
-                    404,
-                    f"No response with id '{call.response_id}' is known to this proxy.",
-                    param="response_id",
-                    code="response_not_found",
-                )
+                raise errors.response_not_found(call.response_id)
             target = Target(upstream=upstreams[0], model="")
         elif not await self.router.usable_now(target):
             raise errors.unavailable(

@@ -105,6 +105,10 @@ class SharedRedis:
             # from RedisError, not from the builtins.
             if type(e).__module__ != "txredisapi":
                 raise
+            if type(e).__name__ == "ResponseError":
+                # Redis answered: the command was refused, Redis is not down.
+                self.log.warn("redis {command} refused: {error}", command=command, error=str(e))
+                raise RedisUnavailable("refused") from None
             self._failed(command, e)
         raise AssertionError("unreachable")
 

@@ -162,7 +162,12 @@ class Router:
             # Half-open: exactly one probe, claimed fleet-wide when shared.
             breaker.probing = True
             ttl = self.upstreams[target.upstream].timeouts.total
-            if await self.health.claim_probe(target, ttl):
+            try:
+                claimed = await self.health.claim_probe(target, ttl)
+            except BaseException:
+                breaker.probing = False  # e.g. the client left: the probe is free again
+                raise
+            if claimed:
                 return target
             breaker.probing = False
             skipped.append(target)

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import attrs
 
 from llmproxy import errors
+
+#: The longest a request may ask its answer to be kept (one year).
+MAX_TTL = 365 * 24 * 3600
 
 
 @attrs.frozen
@@ -47,8 +51,15 @@ def parse_controls(header: str | None, field: object) -> CacheControl:
             store = False
         if "ttl" in field:
             value = field["ttl"]
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise errors.bad_request("'cache.ttl' must be a positive number", param="cache")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or not 0 < value <= MAX_TTL
+            ):
+                raise errors.bad_request(
+                    f"'cache.ttl' must be a number of seconds from 1 to {MAX_TTL}", param="cache"
+                )
             ttl = float(value)
     return CacheControl(lookup=lookup, store=store, ttl=ttl)
 

@@ -10,6 +10,7 @@ from twisted.logger import Logger
 
 from llmproxy import errors
 from llmproxy.cache.entry import Entry
+from llmproxy.redisclient import RedisUnavailable
 
 
 class CacheBackend(Protocol):
@@ -54,6 +55,9 @@ class ResponseCache:
             raw = await self.backend.get(key)
         except CancelledError:
             raise
+        except RedisUnavailable:
+            self.counters["errors"] += 1  # logged once per outage by SharedRedis
+            raw = None
         except Exception:  # noqa: BLE001 - the cache must never fail a request
             self.counters["errors"] += 1
             self.log.failure("cache lookup failed; treating as a miss")
@@ -68,6 +72,9 @@ class ResponseCache:
             await self.backend.set(key, entry.encode(), ttl or self.ttl)
         except CancelledError:
             raise
+        except RedisUnavailable:
+            self.counters["errors"] += 1
+            return
         except Exception:  # noqa: BLE001 - the cache must never fail a request
             self.counters["errors"] += 1
             self.log.failure("cache store failed; answer not cached")

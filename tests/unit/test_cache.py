@@ -59,7 +59,17 @@ def test_controls() -> None:
     assert not ctl.lookup and not ctl.store
     ctl = parse_controls(None, {"no-cache": True, "ttl": 5})
     assert not ctl.lookup and ctl.store and ctl.ttl == 5
-    for bad in ({"ttl": -1}, {"ttl": "5"}, {"no-store": "yes"}, {"nope": True}, []):
+    bad_controls = (
+        {"ttl": -1},
+        {"ttl": "5"},
+        {"ttl": 1e17},
+        {"ttl": float("inf")},
+        {"ttl": float("nan")},
+        {"no-store": "yes"},
+        {"nope": True},
+        [],
+    )
+    for bad in bad_controls:
         with pytest.raises(APIError):
             parse_controls(None, bad)
 

@@ -189,3 +189,24 @@ def test_stats_and_metrics_count_requests() -> None:
     metrics = h.request("GET", "/metrics")
     assert metrics.header("content-type").startswith("text/plain")
     assert b'llmproxy_requests_total{endpoint="chat/completions",status="200"} 1.0' in metrics.body
+
+
+def test_response_ids_cannot_shape_the_upstream_url() -> None:
+    h = Harness()
+    for rid in ("x%3Fy=1", "..", "a%2F..%2Fb", "x%23frag"):
+        answer = h.request("GET", f"/v1/responses/{rid}")
+        assert answer.code == 404, rid
+        assert answer.json()["error"]["code"] in ("response_not_found", "not_found")
+    assert h.seen() == []
+
+
+def test_secrets_stay_out_of_reprs_and_are_redacted() -> None:
+    text = config_text().replace(
+        "    api_key: sk-upstream-a-secret",
+        "    api_key: sk-upstream-a-secret\n    headers: {api-key: azure-secret-value}",
+    )
+    h = Harness(text)
+    assert "sk-upstream-a-secret" not in repr(h.config)
+    assert "azure-secret-value" not in repr(h.config)
+    assert "azure-secret-value" in h.config.secrets()
+    assert h.gateway.pipeline.forwarder.redact(b"k=azure-secret-value") == b"k=[REDACTED]"

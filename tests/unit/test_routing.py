@@ -450,3 +450,23 @@ class _Hangup:
 
     def connectionLost(self, reason: Any) -> None:
         pass
+
+
+def test_a_probe_abandoned_while_being_claimed_is_released() -> None:
+    from llmproxy.health import LocalHealth
+
+    class SlowClaim(LocalHealth):
+        async def claim_probe(self, target: Target, ttl: float) -> bool:
+            await Deferred()  # never answers: the request is cancelled meanwhile
+            return True
+
+    clock = Clock()
+    config = parse_yaml(three("priority", extra="routing: {cooldown: {failures: 1}}\n"), "t", {})
+    r = Router(config, clock, health=SlowClaim())
+    fail_target(r, "a")
+    clock.advance(30)
+    plan = run(r.plan(r.models["m1"]))
+    pending = Deferred.fromCoroutine(plan.next())
+    pending.cancel()
+    pending.addErrback(lambda f: None)
+    assert r.health_report()["a/up-a"]["state"] == "half_open"
