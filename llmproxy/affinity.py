@@ -1,8 +1,11 @@
 """
-Responses API affinity: which target made a response id, so that follow-ups
-(``previous_response_id``, ``/v1/responses/{id}``...) reach the one backend that
-knows it.  Remembered with a TTL, in memory or (for a fleet) in Redis; a Redis
-failure falls back to the local memory, which every process keeps as well.
+Responses API affinity: which target made a response id, and for which client
+key, so that follow-ups (``previous_response_id``, ``/v1/responses/{id}``...)
+reach the one backend that knows it, and only its owner can reach it (every
+tenant shares the upstream key, so the upstream cannot tell them apart).
+
+Remembered with a TTL, in memory or (for a fleet) in Redis; a Redis failure
+falls back to the local memory, which every process keeps as well.
 """
 
 from __future__ import annotations
@@ -11,16 +14,25 @@ import json
 from collections import OrderedDict
 from typing import Protocol
 
+import attrs
 from twisted.internet.interfaces import IReactorTime
 
 from llmproxy.config import Target
 from llmproxy.redisclient import RedisUnavailable, SharedRedis
 
 
-class AffinityStore(Protocol):
-    async def remember(self, response_id: str, target: Target) -> None: ...
+@attrs.frozen
+class Pin:
+    """A response id's target and the client key that created it."""
 
-    async def recall(self, response_id: str) -> Target | None: ...
+    target: Target
+    owner: str
+
+
+class AffinityStore(Protocol):
+    async def remember(self, response_id: str, pin: Pin) -> None: ...
+
+    async def recall(self, response_id: str) -> Pin | None: ...
 
 
 class MemoryAffinity:
@@ -28,23 +40,23 @@ class MemoryAffinity:
         self.reactor = reactor
         self.ttl = ttl
         self.max_entries = max_entries
-        self._items: OrderedDict[str, tuple[Target, float]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[Pin, float]] = OrderedDict()
 
-    async def remember(self, response_id: str, target: Target) -> None:
-        self._items[response_id] = (target, self.reactor.seconds() + self.ttl)
+    async def remember(self, response_id: str, pin: Pin) -> None:
+        self._items[response_id] = (pin, self.reactor.seconds() + self.ttl)
         self._items.move_to_end(response_id)
         while len(self._items) > self.max_entries:
             self._items.popitem(last=False)
 
-    async def recall(self, response_id: str) -> Target | None:
+    async def recall(self, response_id: str) -> Pin | None:
         found = self._items.get(response_id)
         if found is None:
             return None
-        target, expires = found
+        pin, expires = found
         if expires <= self.reactor.seconds():
             del self._items[response_id]
             return None
-        return target
+        return pin
 
 
 class RedisAffinity:
@@ -56,17 +68,23 @@ class RedisAffinity:
     def key(self, response_id: str) -> str:
         return f"{self.namespace}:affinity:{response_id}"
 
-    async def remember(self, response_id: str, target: Target) -> None:
-        await self.local.remember(response_id, target)
+    async def remember(self, response_id: str, pin: Pin) -> None:
+        await self.local.remember(response_id, pin)
+        target = pin.target
         value = json.dumps(
-            {"upstream": target.upstream, "model": target.model, "weight": target.weight}
+            {
+                "upstream": target.upstream,
+                "model": target.model,
+                "weight": target.weight,
+                "owner": pin.owner,
+            }
         )
         try:
             await self.redis.call("set", self.key(response_id), value, expire=int(self.local.ttl))
         except RedisUnavailable:
             return
 
-    async def recall(self, response_id: str) -> Target | None:
+    async def recall(self, response_id: str) -> Pin | None:
         try:
             raw = await self.redis.call("get", self.key(response_id))
         except RedisUnavailable:
@@ -74,4 +92,5 @@ class RedisAffinity:
         if raw is None:
             return await self.local.recall(response_id)
         data = json.loads(raw)
-        return Target(upstream=data["upstream"], model=data["model"], weight=data["weight"])
+        target = Target(upstream=data["upstream"], model=data["model"], weight=data["weight"])
+        return Pin(target, data["owner"])

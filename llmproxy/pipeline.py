@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 
 from llmproxy import errors
+from llmproxy.affinity import Pin
 from llmproxy.auth import Authenticator, Principal, bearer_token
 from llmproxy.body import check_fields, parse_body, rewrite_body
 from llmproxy.cache import CacheControl, Entry, ResponseCache, cache_key, parse_controls
@@ -96,6 +97,7 @@ class _Observer:
     """
 
     endpoint: str
+    owner: str
     usage_tokens: int = 0
     response_ids: list[str] = attrs.field(factory=list)
     terminal: str | None = None
@@ -239,7 +241,7 @@ class Pipeline:
         pinned = None
         previous = call.payload.get("previous_response_id")
         if call.endpoint == "responses" and isinstance(previous, str):
-            pinned = await self._pinned(model, previous)
+            pinned = await self._pinned(principal, model, previous)
 
         key = None
         if not self.cache.enabled:
@@ -293,7 +295,7 @@ class Pipeline:
     async def _exchange(self, exchange: _Exchange, sink: ClientSink) -> None:
         """Forward, then account the tokens and store the answer if it completed."""
         call, model, controls, key = exchange.call, exchange.model, exchange.controls, exchange.key
-        observer = _Observer(call.endpoint)
+        observer = _Observer(call.endpoint, exchange.principal.name)
         plan = await self.router.plan(model, exchange.pinned)
         record = key is not None and controls.store
         stored = await self._forward(call, model, plan, sink, observer, record)
@@ -310,29 +312,47 @@ class Pipeline:
 
     async def handle_response_object(self, call: Call, sink: ClientSink) -> None:
         """GET/DELETE /responses/{id}, /cancel, /input_items: to the target that made it."""
-        self.authenticate(call)
+        principal = self.authenticate(call)
         assert call.response_id is not None
-        target = await self.router.recall(call.response_id)
-        if target is None:
+        pin = await self._owned(principal, call.response_id, "response_id")
+        if pin is None:
+            # An open proxy (no keys) with one upstream: it can only be there.
             upstreams = list(self.forwarder.upstreams)
             if len(upstreams) != 1:
                 raise errors.response_not_found(call.response_id)
             target = Target(upstream=upstreams[0], model="")
-        elif not await self.router.usable_now(target):
+        elif not await self.router.usable_now(pin.target):
             raise errors.unavailable(
                 f"The backend that created response '{call.response_id}' is unavailable."
             )
+        else:
+            target = pin.target
         sink.header("x-llmproxy-cache", "bypass" if self.cache.enabled else "off")
         model = Model(name=target.model, targets=(target,))
         plan = await self.router.plan(model, pinned=target)
-        await self._forward(call, model, plan, sink, _Observer(call.endpoint))
+        await self._forward(call, model, plan, sink, _Observer(call.endpoint, principal.name))
 
-    async def _pinned(self, model: Model, previous: str) -> Target | None:
-        remembered = await self.router.recall(previous)
-        if remembered is None:
-            return None  # unknown here (expired, or made before a restart): route normally
+    async def _owned(self, principal: Principal, response_id: str, param: str) -> Pin | None:
+        """
+        The pin of a response id the caller may use.  With client keys configured
+        only the key that created a response can read, delete, cancel or continue
+        it; anything else is "not found" (an unknown id too: its owner cannot be
+        checked).  An open proxy has one tenant and routes unknown ids normally.
+        """
+        pin = await self.router.recall(response_id)
+        if self.auth.open:
+            return pin
+        if pin is None or pin.owner != principal.name:
+            error = errors.response_not_found(response_id)
+            raise attrs.evolve(error, param=param)
+        return pin
+
+    async def _pinned(self, principal: Principal, model: Model, previous: str) -> Target | None:
+        pin = await self._owned(principal, previous, "previous_response_id")
+        if pin is None:
+            return None  # open proxy, id unknown here (expired, restarted): route normally
         for target in model.targets:
-            if target.upstream == remembered.upstream:
+            if target.upstream == pin.target.upstream:
                 if not await self.router.usable_now(target):
                     raise errors.unavailable(
                         f"The backend that created response '{previous}' is unavailable."
@@ -567,7 +587,7 @@ class Pipeline:
 
     async def _remember(self, observer: _Observer, target: Target) -> None:
         while observer.response_ids:
-            await self.router.remember(observer.response_ids.pop(), target)
+            await self.router.remember(observer.response_ids.pop(), target, observer.owner)
 
     def _replay(self, entry: Entry, sink: ClientSink) -> None:
         headers = {"content-type": entry.content_type, "x-llmproxy-upstream": entry.upstream}

@@ -23,7 +23,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from llmproxy.affinity import AffinityStore, MemoryAffinity
+from llmproxy.affinity import AffinityStore, MemoryAffinity, Pin
 from llmproxy.balancing import Strategy, make_strategy
 from llmproxy.config import Config, Model, Routing, Target
 from llmproxy.forwarder import UpstreamFailure
@@ -236,10 +236,10 @@ class Router:
 
     # -- Responses API affinity ------------------------------------------------------
 
-    async def remember(self, response_id: str, target: Target) -> None:
-        await self.affinity.remember(response_id, target)
+    async def remember(self, response_id: str, target: Target, owner: str) -> None:
+        await self.affinity.remember(response_id, Pin(target, owner))
 
-    async def recall(self, response_id: str) -> Target | None:
+    async def recall(self, response_id: str) -> Pin | None:
         return await self.affinity.recall(response_id)
 
     def health_report(self) -> dict[str, dict[str, object]]:

@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.defer import TimeoutError as DeferTimeoutError
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from llmproxy.affinity import AffinityStore, MemoryAffinity, RedisAffinity
@@ -34,6 +35,22 @@ from llmproxy.pipeline import Pipeline
 from llmproxy.redisclient import SharedRedis
 from llmproxy.router import Router
 from llmproxy.site import GatewaySite
+
+
+class GatewayService(MultiService):
+    """
+    The top of the tree.  It stops its children one after the other, the last
+    added first, rather than all at once as MultiService does: the HTTP service
+    must finish draining while Redis and the upstream pools are still there.
+    """
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop_in_order())
+
+    async def _stop_in_order(self) -> None:
+        for service in reversed(list(self)):
+            await maybeDeferred(service.stopService)
 
 
 class UpstreamsService(Service):
@@ -73,10 +90,24 @@ class HTTPService(Service):
         self.drain_seconds = drain_seconds
         self.ports: list[IListeningPort] = []
 
-    async def _start(self) -> None:
+    def privilegedStartService(self) -> None:
+        """
+        Listen before the reactor runs (and before twistd drops privileges), so
+        that a port that cannot be had stops twistd at once with a clear message
+        and a non-zero status, instead of a process that runs and serves nothing.
+        """
+        super().privilegedStartService()
         for description in self.listen:
             endpoint = endpoints.serverFromString(self.reactor, description)
-            port = await endpoint.listen(self.site)
+            outcome: list[Any] = []
+            endpoint.listen(self.site).addBoth(outcome.append)
+            if not outcome:
+                raise SystemExit(f"llmproxy: listening on {description} did not complete")
+            if isinstance(outcome[0], Failure):
+                raise SystemExit(
+                    f"llmproxy: cannot listen on {description}: {outcome[0].getErrorMessage()}"
+                )
+            port: IListeningPort = outcome[0]
             self.ports.append(port)
             address = port.getHost()
             self.log.info(
@@ -84,16 +115,6 @@ class HTTPService(Service):
                 host=getattr(address, "host", "?"),
                 port=getattr(address, "port", "?"),
             )
-
-    def startService(self) -> None:
-        super().startService()
-        Deferred.fromCoroutine(self._start()).addErrback(self._failed)
-
-    def _failed(self, failure: Any) -> None:
-        self.log.failure("cannot listen", failure)
-        from twisted.internet import reactor
-
-        reactor.stop()  # type: ignore[attr-defined]
 
     async def _stop(self) -> None:
         await DeferredList([maybeDeferred(p.stopListening) for p in self.ports])
@@ -212,7 +233,7 @@ def build_site(config: Config, gateway: Gateway) -> GatewaySite:
 
 
 def build_service(config: Config, reactor: Any, listen: tuple[str, ...]) -> MultiService:
-    top = MultiService()
+    top = GatewayService()
     redis = None
     if config.redis is not None:
         redis = SharedRedis(reactor, config.redis.url, config.redis.timeout)

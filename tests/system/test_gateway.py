@@ -298,3 +298,23 @@ def test_graceful_shutdown_drains_in_flight_streams(tmp_path: Path, mock: Mock) 
         assert "Traceback" not in proxy.process.log()
     finally:
         proxy.stop()
+
+
+def test_a_port_in_use_stops_twistd_with_a_clear_message(proxy: Proxy) -> None:
+    done = subprocess.run(
+        [
+            str(BIN / "twistd"),
+            "--pidfile=",
+            "-n",
+            "llmproxy",
+            "--listen",
+            f"tcp:{proxy.port}:interface=127.0.0.1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert f"llmproxy: cannot listen on tcp:{proxy.port}:interface=127.0.0.1" in output
+    assert "Traceback" not in output

@@ -111,3 +111,37 @@ def test_two_proxies_share_rate_limits(
     finally:
         first.stop()
         second.stop()
+
+
+def test_answers_finished_while_draining_are_still_stored(
+    tmp_path: Path, fresh_mock: Mock, redis_server: RedisServer
+) -> None:
+    import signal
+    import socket
+
+    proxy = Proxy(tmp_path, cache_config(fresh_mock, "redis", redis_server), "draining")
+    try:
+        body = json.dumps(chat("drained", stream=True, mock={"interval": 0.1})).encode()
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer key-a\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
+        received = b""
+        while b"data: " not in received:
+            received += sock.recv(65536)
+        proxy.process.signal(signal.SIGTERM)
+        while not received.endswith(b"0\r\n\r\n"):
+            chunk = sock.recv(65536)
+            assert chunk, received
+            received += chunk
+        assert b"data: [DONE]" in received
+        proxy.process.proc.wait(timeout=30)
+        # Redis was still there when the drained stream finished: it was stored.
+        assert len(redis_server.cli_call("--scan", "--pattern", "llmproxy:cache:*").split()) == 1
+        assert "cache store failed" not in proxy.process.log()
+    finally:
+        proxy.stop()

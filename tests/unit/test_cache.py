@@ -438,10 +438,10 @@ def test_truncated_answers_are_not_stored() -> None:
     from llmproxy.pipeline import _Observer
     from llmproxy.sse import parse_event
 
-    observer = _Observer("chat/completions")
+    observer = _Observer("chat/completions", "k")
     observer.event(parse_event(b'data: {"choices":[{"delta":{},"finish_reason": "length"}]}\n\n'))
     assert observer.uncacheable == "truncated"
-    fine = _Observer("chat/completions")
+    fine = _Observer("chat/completions", "k")
     fine.event(parse_event(b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\n'))
     fine.event(parse_event(b'event: error\ndata: {"type": "error"}\n\n'))
     assert fine.uncacheable == "error_event"

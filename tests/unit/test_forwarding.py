@@ -210,3 +210,43 @@ def test_secrets_stay_out_of_reprs_and_are_redacted() -> None:
     assert "azure-secret-value" not in repr(h.config)
     assert "azure-secret-value" in h.config.secrets()
     assert h.gateway.pipeline.forwarder.redact(b"k=azure-secret-value") == b"k=[REDACTED]"
+
+
+TENANTS = """
+auth:
+  keys:
+    - {name: team-a, key: key-a}
+    - {name: team-b, key: key-b}
+"""
+
+
+def test_response_ids_belong_to_the_key_that_made_them() -> None:
+    h = Harness(config_text() + TENANTS + "cache: {backend: off}\n")
+    a = {"Authorization": "Bearer key-a"}
+    b = {"Authorization": "Bearer key-b"}
+    made = h.request("POST", "/v1/responses", {"model": "m1", "input": "private"}, headers=a)
+    rid = made.json()["id"]
+    assert h.request("GET", f"/v1/responses/{rid}", headers=a).code == 200
+    for method, suffix in (
+        ("GET", ""),
+        ("GET", "/input_items"),
+        ("POST", "/cancel"),
+        ("DELETE", ""),
+    ):
+        answer = h.request(method, f"/v1/responses/{rid}{suffix}", headers=b)
+        assert answer.code == 404 and answer.json()["error"]["code"] == "response_not_found"
+    chained = h.request(
+        "POST",
+        "/v1/responses",
+        {
+            "model": "m1",
+            "input": "steal",
+            "previous_response_id": rid,
+        },
+        headers=b,
+    )
+    assert chained.code == 404 and chained.json()["error"]["param"] == "previous_response_id"
+    # An id the proxy never handed out is not forwarded either.
+    assert h.request("GET", "/v1/responses/resp_guess", headers=a).code == 404
+    paths = [r["path"] for r in h.seen()]
+    assert paths == ["/v1/responses", f"/v1/responses/{rid}"]

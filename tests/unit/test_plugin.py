@@ -80,3 +80,34 @@ def test_bad_listen_is_a_usage_error() -> None:
             ["--config", str(ROOT / "etc" / "llmproxy.yaml"), "--listen", "bogus:1"]
         )
     assert "listen: bad endpoint 'bogus:1'" in str(info.value)
+
+
+def test_services_stop_one_after_another_newest_first() -> None:
+    from twisted.application.service import Service
+    from twisted.internet.defer import Deferred
+
+    from llmproxy.service import GatewayService
+
+    stopped: list[str] = []
+    gates: dict[str, Deferred[None]] = {}
+
+    class Child(Service):
+        def stopService(self) -> Deferred[None]:
+            super().stopService()
+            stopped.append(self.name)
+            gates[self.name] = Deferred()
+            return gates[self.name]
+
+    top = GatewayService()
+    for name in ("redis", "upstreams", "http"):
+        child = Child()
+        child.setName(name)
+        child.setServiceParent(top)
+    top.startService()
+    done = top.stopService()
+    assert stopped == ["http"]  # redis and the pools wait for the drain
+    gates["http"].callback(None)
+    assert stopped == ["http", "upstreams"]
+    gates["upstreams"].callback(None)
+    gates["redis"].callback(None)
+    assert stopped == ["http", "upstreams", "redis"] and done.called
