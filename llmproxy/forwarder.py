@@ -17,6 +17,7 @@ upstream read (backpressure), and closed at once when the exchange is cancelled.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Mapping
 from http.cookiejar import DefaultCookiePolicy
 from typing import Any, Protocol
@@ -27,11 +28,25 @@ from treq.cookies import IndexableCookieJar
 from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, succeed
 from twisted.internet.defer import TimeoutError as DeferTimeoutError
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
+from twisted.internet.interfaces import (
+    IConsumer,
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Protocol as TxProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
+    URI,
+    BrowserLikePolicyForHTTPS,
     PotentialDataLoss,
     RequestTransmissionFailed,
     ResponseDone,
@@ -39,7 +54,7 @@ from twisted.web.client import (
     ResponseNeverReceived,
 )
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
 from llmproxy import errors
@@ -64,6 +79,41 @@ class NoCookies(IndexableCookieJar):
 
     def __init__(self) -> None:
         super().__init__(policy=DefaultCookiePolicy(allowed_domains=[]))
+
+
+@implementer(IAgentEndpointFactory)
+class UpstreamEndpoints:
+    """
+    How the Agent connects to an upstream.  An IP literal over plain HTTP (a
+    local vLLM, a sidecar) gets a direct TCP endpoint: HostnameEndpoint waits
+    its 0.3s attempt delay before it reports a refused connection, which would
+    make every failover from a dead local backend 300 ms slower.  Names and
+    HTTPS go through HostnameEndpoint and TLS with certificate checks, as
+    Twisted's Agent does by default.
+    """
+
+    def __init__(self, reactor: Any, connect_timeout: float) -> None:
+        self.reactor = reactor
+        self.timeout = connect_timeout
+        self.tls = BrowserLikePolicyForHTTPS()
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        host = uri.host.decode("ascii")
+        if uri.scheme == b"http":
+            try:
+                ip = ipaddress.ip_address(host.strip("[]"))
+            except ValueError:
+                pass
+            else:
+                cls = TCP6ClientEndpoint if ip.version == 6 else TCP4ClientEndpoint
+                return cls(self.reactor, str(ip), uri.port, timeout=self.timeout)
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(
+            self.reactor, uri.host, uri.port, timeout=self.timeout
+        )
+        if uri.scheme == b"https":
+            creator = self.tls.creatorForNetloc(uri.host, uri.port)
+            endpoint = wrapClientTLS(creator, endpoint)
+        return endpoint
 
 
 @implementer(IBodyProducer)

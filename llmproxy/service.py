@@ -27,7 +27,13 @@ from llmproxy.cache import MemoryBackend, ResponseCache
 from llmproxy.cache.redis import RedisBackend
 from llmproxy.cache.store import CacheBackend
 from llmproxy.config import Config
-from llmproxy.forwarder import Forwarder, Redactor, UpstreamClient, upstream_client
+from llmproxy.forwarder import (
+    Forwarder,
+    Redactor,
+    UpstreamClient,
+    UpstreamEndpoints,
+    upstream_client,
+)
 from llmproxy.health import ActiveChecker, HealthStore, LocalHealth, RedisHealth
 from llmproxy.limits import Limiter, MemoryLimiter, RedisLimiter
 from llmproxy.metrics import Metrics
@@ -63,7 +69,8 @@ class UpstreamsService(Service):
             pool = HTTPConnectionPool(reactor, persistent=True)
             pool.maxPersistentPerHost = upstream.max_connections
             pool.retryAutomatically = False  # a retry is the router's decision
-            agent = Agent(reactor, connectTimeout=upstream.timeouts.connect, pool=pool)
+            endpoints = UpstreamEndpoints(reactor, upstream.timeouts.connect)
+            agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
             self.pools[name] = pool
             self.clients[name] = upstream_client(agent)  # type: ignore[assignment]
 

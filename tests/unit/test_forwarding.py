@@ -250,3 +250,29 @@ def test_response_ids_belong_to_the_key_that_made_them() -> None:
     assert h.request("GET", "/v1/responses/resp_guess", headers=a).code == 404
     paths = [r["path"] for r in h.seen()]
     assert paths == ["/v1/responses", f"/v1/responses/{rid}"]
+
+
+def test_upstream_endpoints() -> None:
+    from twisted.internet.endpoints import (
+        HostnameEndpoint,
+        TCP4ClientEndpoint,
+        TCP6ClientEndpoint,
+    )
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.web.client import URI
+
+    from llmproxy.forwarder import UpstreamEndpoints
+
+    factory = UpstreamEndpoints(MemoryReactorClock(), 3)
+    # IP literals over plain HTTP connect directly (a refusal is reported at once).
+    assert isinstance(
+        factory.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8001/v1")), TCP4ClientEndpoint
+    )
+    assert isinstance(
+        factory.endpointForURI(URI.fromBytes(b"http://[::1]:8001/v1")), TCP6ClientEndpoint
+    )
+    assert isinstance(
+        factory.endpointForURI(URI.fromBytes(b"http://vllm.internal:8000/v1")), HostnameEndpoint
+    )
+    tls = factory.endpointForURI(URI.fromBytes(b"https://api.openai.com/v1"))
+    assert not isinstance(tls, HostnameEndpoint | TCP4ClientEndpoint)  # wrapped in TLS

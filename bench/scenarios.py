@@ -1,0 +1,288 @@
+#!/usr/bin/env python3
+"""
+llmproxy scenario benchmarks, on loopback, bounded in count and time.
+
+``failover``: three mock upstreams behind one proxy (round robin).  For each
+fault in turn (one backend refusing connections, one answering 500, one
+hanging) it sends a fixed number of requests from a few concurrent clients,
+reports how many were answered, by whom, and how fast, then lifts the fault
+and measures how long until the backend gets traffic again.
+
+``cache``: a proxy with the memory cache and one with the Redis cache (a
+private redis-server on a free port), each in front of the same mock.  It
+measures the latency of a miss (a new prompt every time) and of a hit (the same
+prompt again), for plain and streamed chat completions.
+
+    python bench/scenarios.py failover
+    python bench/scenarios.py cache --requests 500
+
+Both start their own processes (twistd, redis-server) on free ports and stop
+them at exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import Server, free_port, percentile, start_server, stop_server, wait_ready  # noqa: E402
+
+MODEL = "m"
+
+
+def mock(name: str, workdir: Path) -> Server:
+    port = free_port()
+    server = start_server(
+        f"mock-{name}",
+        ["llmproxy-mock", "--listen", f"tcp:{port}:interface=127.0.0.1", "--name", name],
+        port,
+        workdir,
+    )
+    wait_ready(server, "/v1/models", 30)
+    return server
+
+
+def proxy(name: str, config: str, workdir: Path) -> Server:
+    port = free_port()
+    path = workdir / f"{name}.yaml"
+    path.write_text(config)
+    server = start_server(
+        name,
+        ["llmproxy", "--config", str(path), "--listen", f"tcp:{port}:interface=127.0.0.1"],
+        port,
+        workdir,
+    )
+    wait_ready(server, "/health", 30)
+    return server
+
+
+def call(port: int, method: str, path: str, body: Any = None,
+         timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    data = json.dumps(body) if body is not None else None
+    conn.request(method, path, data, {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    payload = response.read()
+    conn.close()
+    return response.status, {k.lower(): v for k, v in response.getheaders()}, payload
+
+
+def chat(text: str, **extra: Any) -> dict[str, Any]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": text}], **extra}
+
+
+def fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    ms = [v * 1000 for v in values]
+    return (f"p50 {percentile(ms, 50):7.2f}  p99 {percentile(ms, 99):8.2f}  "
+            f"max {max(ms):8.2f} ms")
+
+
+@contextmanager
+def processes() -> Iterator[tuple[list[Server], Path]]:
+    started: list[Server] = []
+    workdir = Path(tempfile.mkdtemp(prefix="llmproxy-bench-"))
+    try:
+        yield started, workdir
+    finally:
+        for server in reversed(started):
+            stop_server(server)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+# -- failover ---------------------------------------------------------------------------
+
+
+def load(port: int, count: int, clients: int, tag: str) -> tuple[Counter[str], list[float], int]:
+    """``count`` requests from ``clients`` threads: who answered, latencies, failures."""
+    served: Counter[str] = Counter()
+    latencies: list[float] = []
+    failures = [0]
+    lock = threading.Lock()
+    per_client = count // clients
+
+    def worker(n: int) -> None:
+        for i in range(per_client):
+            started = time.monotonic()
+            status, headers, _ = call(port, "POST", "/v1/chat/completions",
+                                      chat(f"{tag} {n} {i}"))
+            elapsed = time.monotonic() - started
+            with lock:
+                latencies.append(elapsed)
+                if status == 200:
+                    served[headers.get("x-llmproxy-upstream", "?")] += 1
+                else:
+                    failures[0] += 1
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return served, latencies, failures[0]
+
+
+def recovery(port: int, name: str, deadline: float = 120) -> float:
+    """Seconds from now until ``name`` answers a request again."""
+    started = time.monotonic()
+    i = 0
+    while time.monotonic() - started < deadline:
+        status, headers, _ = call(port, "POST", "/v1/chat/completions", chat(f"recover {i}"))
+        i += 1
+        if status == 200 and headers.get("x-llmproxy-upstream") == name:
+            return time.monotonic() - started
+        time.sleep(0.02)
+    return float("nan")
+
+
+def failover(args: argparse.Namespace) -> None:
+    with processes() as (started, workdir):
+        mocks = {}
+        for name in "abc":
+            mocks[name] = mock(name, workdir)
+            started.append(mocks[name])
+        timeouts = "{connect: 1, first_byte: 2, idle: 5, total: 30}"
+        ups = "".join(
+            f"  {n}:\n    base_url: http://127.0.0.1:{m.port}/v1\n    timeouts: {timeouts}\n"
+            for n, m in mocks.items()
+        )
+        targets = "".join(f"      - upstream: {n}\n" for n in mocks)
+        config = (
+            f"upstreams:\n{ups}models:\n  {MODEL}:\n    strategy: round_robin\n"
+            f"    targets:\n{targets}"
+            f"routing: {{retries: 2, cooldown: {{failures: 3, seconds: {args.cooldown}, "
+            "max_seconds: 60}}\ncache: {backend: off}\n"
+        )
+        gateway = proxy("proxy", config, workdir)
+        started.append(gateway)
+
+        def control(name: str, path: str, body: Any) -> None:
+            call(mocks[name].port, "POST", path, body)
+
+        print(f"failover: {args.requests} requests per phase from {args.clients} clients; "
+              f"cooldown {args.cooldown}s after 3 failures; first_byte timeout 2s")
+        served, lat, failed = load(gateway.port, args.requests, args.clients, "healthy")
+        print(f"  all healthy      served {dict(sorted(served.items()))}  failed {failed}  "
+              f"{fmt(lat)}")
+
+        # a refuses connections: stop its process.
+        stop_server(mocks["a"])
+        served, lat, failed = load(gateway.port, args.requests, args.clients, "refusing")
+        print(f"  a refusing       served {dict(sorted(served.items()))}  failed {failed}  "
+              f"{fmt(lat)}")
+        restarted = start_server(
+            "mock-a", ["llmproxy-mock", "--listen",
+                       f"tcp:{mocks['a'].port}:interface=127.0.0.1", "--name", "a"],
+            mocks["a"].port, workdir,
+        )
+        wait_ready(restarted, "/v1/models", 30)
+        started.append(restarted)
+        mocks["a"] = restarted
+        print(f"  a back           first answered by a after {recovery(gateway.port, 'a'):.2f}s")
+
+        control("b", "/_mock/config", {"status": 500})
+        served, lat, failed = load(gateway.port, args.requests, args.clients, "erroring")
+        print(f"  b answering 500  served {dict(sorted(served.items()))}  failed {failed}  "
+              f"{fmt(lat)}")
+        control("b", "/_mock/config", {})
+        print(f"  b back           first answered by b after {recovery(gateway.port, 'b'):.2f}s")
+
+        control("c", "/_mock/config", {"hang": True})
+        served, lat, failed = load(gateway.port, args.requests, args.clients, "hanging")
+        print(f"  c hanging        served {dict(sorted(served.items()))}  failed {failed}  "
+              f"{fmt(lat)}")
+        control("c", "/_mock/config", {})
+        print(f"  c back           first answered by c after {recovery(gateway.port, 'c'):.2f}s")
+
+        served, lat, failed = load(gateway.port, args.requests, args.clients, "after")
+        print(f"  all healthy      served {dict(sorted(served.items()))}  failed {failed}  "
+              f"{fmt(lat)}")
+
+
+# -- cache ------------------------------------------------------------------------------
+
+
+def cache(args: argparse.Namespace) -> None:
+    redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        raise SystemExit("bench: needs redis-server (apt-get install -y redis-server)")
+    with processes() as (started, workdir):
+        upstream = mock("main", workdir)
+        started.append(upstream)
+        redis_port = free_port()
+        redis = subprocess.Popen(
+            [redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            base = (f"upstreams:\n  main: {{base_url: 'http://127.0.0.1:{upstream.port}/v1'}}\n"
+                    f"models:\n  {MODEL}: {{targets: [{{upstream: main}}]}}\n")
+            memory = proxy("memory", base + "cache: {backend: memory}\n", workdir)
+            started.append(memory)
+            shared = proxy(
+                "redis",
+                base + f"redis: {{url: 'redis://127.0.0.1:{redis_port}/0'}}\n"
+                "cache: {backend: redis}\n",
+                workdir,
+            )
+            started.append(shared)
+            print(f"cache: {args.requests} sequential requests per row; the mock answers at once,"
+                  " so a miss is the proxy plus the mock")
+            for label, server in (("memory", memory), ("redis", shared)):
+                for stream in (False, True):
+                    kind = "stream" if stream else "plain"
+                    misses, hits = [], []
+                    for i in range(args.requests):
+                        body = chat(f"{label} {kind} miss {i}", stream=stream)
+                        started_at = time.monotonic()
+                        status, headers, _ = call(server.port, "POST", "/v1/chat/completions",
+                                                  body)
+                        misses.append(time.monotonic() - started_at)
+                        assert status == 200 and headers["x-llmproxy-cache"] == "miss", headers
+                    hit_body = chat(f"{label} {kind} hit", stream=stream)
+                    call(server.port, "POST", "/v1/chat/completions", hit_body)
+                    for _ in range(args.requests):
+                        started_at = time.monotonic()
+                        status, headers, _ = call(server.port, "POST", "/v1/chat/completions",
+                                                  hit_body)
+                        hits.append(time.monotonic() - started_at)
+                        assert status == 200 and headers["x-llmproxy-cache"] == "hit", headers
+                    print(f"  {label:6} {kind:6} miss {fmt(misses)}")
+                    print(f"  {label:6} {kind:6} hit  {fmt(hits)}")
+        finally:
+            redis.terminate()
+            redis.wait(10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="scenario", required=True)
+    f = sub.add_parser("failover", help="faults on one of three backends, and recovery")
+    f.add_argument("--requests", type=int, default=300)
+    f.add_argument("--clients", type=int, default=6)
+    f.add_argument("--cooldown", type=float, default=5.0)
+    c = sub.add_parser("cache", help="hit and miss latency, memory and Redis")
+    c.add_argument("--requests", type=int, default=300)
+    args = parser.parse_args()
+    {"failover": failover, "cache": cache}[args.scenario](args)
+
+
+if __name__ == "__main__":
+    main()
