@@ -58,6 +58,9 @@ class Breaker:
     def fail(self, now: float, cooldown: Cooldown, retry_after: float | None) -> None:
         was_probe = self.probing or (self.open_until and now >= self.open_until)
         self.probing = False
+        if now < self.open_until and retry_after is None:
+            # Attempts that started before the trip and fail now say nothing new.
+            return
         if retry_after is not None:
             self.open_until = now + min(retry_after, cooldown.max_seconds)
             self.failures = 0
@@ -121,6 +124,10 @@ local open_until = tonumber(redis.call('HGET', KEYS[1], 'open_until') or '0')
 local now = tonumber(ARGV[1])
 local retry_after = tonumber(ARGV[5])
 local was_probe = ARGV[6] == '1' or (open_until > 0 and now >= open_until)
+if now < open_until and retry_after < 0 then
+  -- already cooling: attempts from before the trip say nothing new
+  return {tostring(failures - 1), tostring(trips), string.format('%.3f', open_until)}
+end
 if retry_after >= 0 then
   open_until = now + math.min(retry_after, tonumber(ARGV[4]))
   failures = 0

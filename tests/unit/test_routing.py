@@ -470,3 +470,15 @@ def test_a_probe_abandoned_while_being_claimed_is_released() -> None:
     pending.cancel()
     pending.addErrback(lambda f: None)
     assert r.health_report()["a/up-a"]["state"] == "half_open"
+
+
+def test_failures_of_attempts_started_before_a_trip_do_not_extend_it() -> None:
+    clock = Clock()
+    r = router(three("priority", extra="routing: {cooldown: {failures: 3, seconds: 10}}\n"),
+               clock)
+    for _ in range(6):  # six hung requests time out together
+        fail_target(r, "a", "timeout")
+    report = r.health_report()["a/up-a"]
+    assert report["state"] == "cooling_down" and report["cooldown_remaining"] == 10
+    clock.advance(10)
+    assert r.health_report()["a/up-a"]["state"] == "half_open"
