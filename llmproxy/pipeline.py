@@ -17,11 +17,11 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from llmproxy import errors
@@ -35,6 +35,7 @@ from llmproxy.forwarder import Exchange, Forwarder, UpstreamFailure
 from llmproxy.limits import Limiter
 from llmproxy.metrics import Metrics
 from llmproxy.router import Plan, Router
+from llmproxy.sink import ClientSink
 from llmproxy.sse import Event, SSEParser
 
 # POST endpoints whose answers may be cached.
@@ -67,23 +68,6 @@ class Call:
     @property
     def stream(self) -> bool:
         return bool(self.payload and self.payload.get("stream") is True)
-
-
-class ClientSink(Protocol):
-    """Where an answer goes: the client's HTTP response."""
-
-    @property
-    def gone(self) -> bool: ...
-
-    def header(self, name: str, value: str) -> None: ...
-
-    def start(self, status: int, headers: Mapping[str, str]) -> None: ...
-
-    def write(self, data: bytes) -> None: ...
-
-    def register_producer(self, producer: IPushProducer) -> None: ...
-
-    def unregister_producer(self) -> None: ...
 
 
 _LENGTH = re.compile(r'"finish_reason"\s*:\s*"length"')

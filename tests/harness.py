@@ -141,3 +141,21 @@ def chat(content: str = "hello", **extra: Any) -> dict[str, Any]:
 def events(body: bytes) -> list[str]:
     """The SSE events of a body, as text blocks."""
     return [e for e in body.decode().split("\n\n") if e.strip()]
+
+
+class _HangUp:
+    """A client that reads nothing and drops the connection at once."""
+
+    def makeConnection(self, transport: Any) -> None:
+        transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Any) -> None:
+        pass
+
+
+def hang_up(response: Any) -> None:
+    """The client of ``response`` (a StubTreq response) disconnects."""
+    response.original.deliverBody(_HangUp())

@@ -15,34 +15,21 @@ paused while any follower's connection is backed up.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-
-class Sink(Protocol):
-    @property
-    def gone(self) -> bool: ...
-
-    def header(self, name: str, value: str) -> None: ...
-
-    def start(self, status: int, headers: Mapping[str, str]) -> None: ...
-
-    def write(self, data: bytes) -> None: ...
-
-    def register_producer(self, producer: IPushProducer) -> None: ...
-
-    def unregister_producer(self) -> None: ...
+from llmproxy.sink import ClientSink
 
 
 @implementer(IPushProducer)
 class _Follower:
     """One client of a flight; also the producer registered on its response."""
 
-    def __init__(self, flight: Flight, sink: Sink, headers: Mapping[str, str]) -> None:
+    def __init__(self, flight: Flight, sink: ClientSink, headers: Mapping[str, str]) -> None:
         self.flight = flight
         self.sink = sink
         self.headers = dict(headers)
@@ -78,7 +65,7 @@ class Flight:
 
     # -- clients -------------------------------------------------------------------
 
-    def follow(self, sink: Sink, headers: Mapping[str, str] | None = None) -> Deferred[None]:
+    def follow(self, sink: ClientSink, headers: Mapping[str, str] | None = None) -> Deferred[None]:
         """Attach a client; fires when the flight's answer has been fully written."""
         follower = _Follower(self, sink, headers or {})
         self.followers.append(follower)

@@ -306,3 +306,61 @@ class Nginx:
 
     def stop(self) -> None:
         self.process.stop()
+
+
+def raw_post(
+    port: int,
+    body: dict[str, Any],
+    path: str = "/v1/chat/completions",
+    headers: dict[str, str] | None = None,
+) -> socket.socket:
+    """Send a POST over a bare socket (to watch the bytes arrive) and return the socket."""
+    data = json.dumps(body).encode()
+    head = "".join(
+        f"{k}: {v}\r\n"
+        for k, v in {
+            "Host": "llm.example.com",
+            "Content-Type": "application/json",
+            "Content-Length": str(len(data)),
+            **(headers or {}),
+        }.items()
+    )
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(f"POST {path} HTTP/1.1\r\n{head}\r\n".encode() + data)
+    return sock
+
+
+def read_until(
+    sock: socket.socket,
+    done: Callable[[bytes], bool],
+    what: str,
+    timeout: float = 15.0,
+    received: bytes = b"",
+) -> bytes:
+    """
+    Read from ``sock`` until ``done(received)`` (``received`` may carry what an
+    earlier read got); fail if the socket closes or the deadline passes.
+    """
+    deadline = time.monotonic() + timeout
+    while not done(received):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"timed out waiting for {what}; received {received[-500:]!r}")
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
+        if not chunk:
+            raise AssertionError(f"connection closed before {what}; received {received[-500:]!r}")
+        received += chunk
+    return received
+
+
+def events_arrived(count: int) -> Callable[[bytes], bool]:
+    return lambda received: received.count(b"\n\n") >= count
+
+
+def response_ended(received: bytes) -> bool:
+    """The terminating chunk of a chunked response has arrived."""
+    return received.endswith(b"0\r\n\r\n")

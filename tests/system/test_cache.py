@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import openai
 import pytest
 
 from tests.system.conftest import UPSTREAM_KEY
-from tests.system.procs import Mock, Proxy, RedisServer, upstream_block, wait_for
+from tests.system.procs import Mock, Proxy, RedisServer, raw_post, upstream_block, wait_for
 
 MODELS = """
 models:
@@ -186,12 +185,7 @@ def test_cut_and_abandoned_streams_are_not_stored(cached_proxy, fresh_mock: Mock
     assert b"event: error" in post(proxy, body)[2]
     assert post(proxy, body)[1]["x-llmproxy-cache"] == "miss"
     abandoned = chat("abandon", stream=True, mock={"stall_after_headers": True, "stall_after": 2})
-    data = json.dumps(abandoned).encode()
-    sock = socket.create_connection(("127.0.0.1", proxy.port))
-    sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer key-a"
-        b"\r\nContent-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data
-    )
+    sock = raw_post(proxy.port, abandoned, headers={"Authorization": "Bearer key-a"})
     wait_for(lambda: fresh_mock.stats()["streams"] == 3, what="the abandoned stream to start")
     sock.close()
     wait_for(lambda: fresh_mock.stats()["disconnects"] == 1, what="upstream closed")

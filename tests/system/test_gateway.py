@@ -16,7 +16,16 @@ import openai
 import pytest
 
 from tests.system.conftest import UPSTREAM_KEY
-from tests.system.procs import BIN, Mock, Proxy, wait_for
+from tests.system.procs import (
+    BIN,
+    Mock,
+    Proxy,
+    events_arrived,
+    raw_post,
+    read_until,
+    response_ended,
+    wait_for,
+)
 
 
 def client(proxy: Proxy) -> openai.OpenAI:
@@ -66,23 +75,10 @@ def test_async_completion_and_embeddings(proxy: Proxy, fresh_mock: Mock) -> None
     assert content == "Hello from main! You said: async" and count == 3
 
 
-def raw_request(
-    port: int, body: dict[str, object], path: str = "/v1/chat/completions"
-) -> socket.socket:
-    data = json.dumps(body).encode()
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.sendall(
-        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(data)}\r\n\r\n".encode()
-        + data
-    )
-    return sock
-
-
 def test_raw_http_stream_arrives_event_by_event(proxy: Proxy, fresh_mock: Mock) -> None:
     # The upstream sends the role chunk and one delta, then stalls forever: if the
     # proxy waited for the stream to end, nothing would arrive.
-    sock = raw_request(
+    sock = raw_post(
         proxy.port,
         {
             "model": "gpt-4o-mini",
@@ -91,14 +87,7 @@ def test_raw_http_stream_arrives_event_by_event(proxy: Proxy, fresh_mock: Mock) 
             "mock": {"stall_after_headers": True, "stall_after": 2},
         },
     )
-    received = b""
-
-    def two_events() -> bool:
-        nonlocal received
-        received += sock.recv(65536)
-        return received.count(b"\n\n") >= 2
-
-    wait_for(two_events, what="two streamed events")
+    received = read_until(sock, events_arrived(2), "two streamed events")
     head, _, body = received.partition(b"\r\n\r\n")
     lines = head.decode().lower().split("\r\n")
     assert lines[0] == "http/1.1 200 ok"
@@ -131,7 +120,7 @@ def test_stream_cut_by_upstream_is_visible(proxy: Proxy, fresh_mock: Mock) -> No
 
 def test_backpressure_pauses_the_upstream(proxy: Proxy, fresh_mock: Mock) -> None:
     before = proxy.rss_kib()
-    sock = raw_request(
+    sock = raw_post(
         proxy.port,
         {
             "model": "gpt-4o-mini",
@@ -265,7 +254,7 @@ def test_graceful_shutdown_drains_in_flight_streams(tmp_path: Path, mock: Mock) 
         tmp_path, upstream_block([mock], api_key=UPSTREAM_KEY) + CORE_MODELS, name="draining"
     )
     try:
-        sock = raw_request(
+        sock = raw_post(
             proxy.port,
             {
                 "model": "gpt-4o-mini",
@@ -274,22 +263,11 @@ def test_graceful_shutdown_drains_in_flight_streams(tmp_path: Path, mock: Mock) 
                 "mock": {"interval": 0.1},
             },
         )
-        received = b""
-
-        def started() -> bool:
-            nonlocal received
-            received += sock.recv(65536)
-            return b"data: " in received
-
-        wait_for(started, what="the stream to start")
+        received = read_until(sock, events_arrived(1), "the stream to start")
         proxy.process.signal(signal.SIGTERM)
         # The listening port closes at once; the stream in flight still finishes.
         wait_for(lambda: not port_open(proxy.port), what="the port to close")
-        sock.settimeout(10)
-        while not received.endswith(b"0\r\n\r\n"):
-            chunk = sock.recv(65536)
-            assert chunk, f"connection closed before the stream finished: {received!r}"
-            received += chunk
+        received = read_until(sock, response_ended, "the end of the stream", received=received)
         assert b"data: [DONE]" in received
         assert b"event: error" not in received
         # twistd re-raises the signal it stopped on, so "killed by SIGTERM" is a clean exit.

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import http.client
-import json
-import socket
 from collections.abc import Iterator
 
 import openai
 import pytest
 
-from tests.system.procs import Mock, Nginx, Proxy, wait_for
+from tests.system.procs import (
+    Mock,
+    Nginx,
+    Proxy,
+    events_arrived,
+    raw_post,
+    read_until,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,32 +44,15 @@ def test_sdk_through_nginx(nginx: Nginx, fresh_mock: Mock) -> None:
 
 
 def test_events_pass_nginx_unbuffered(nginx: Nginx, proxy: Proxy, fresh_mock: Mock) -> None:
-    body = json.dumps(
-        {
-            "model": "gpt-4o-mini",
-            "stream": True,
-            "messages": [{"role": "user", "content": "x"}],
-            "mock": {"stall_after_headers": True, "stall_after": 2},
-        }
-    ).encode()
-    sock = socket.create_connection(("127.0.0.1", nginx.port), timeout=1)
-    sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: llm.example.com\r\n"
-        b"X-Request-Id: trace-42\r\n"
-        b"Content-Type: application/json\r\nContent-Length: "
-        + str(len(body)).encode()
-        + b"\r\n\r\n"
-        + body
-    )
-    received = b""
-
-    def two_events() -> bool:
-        nonlocal received
-        received += sock.recv(65536)
-        return received.count(b"\n\n") >= 2
-
+    body = {
+        "model": "gpt-4o-mini",
+        "stream": True,
+        "messages": [{"role": "user", "content": "x"}],
+        "mock": {"stall_after_headers": True, "stall_after": 2},
+    }
+    sock = raw_post(nginx.port, body, headers={"X-Request-Id": "trace-42"})
     # The upstream stalls after two events: they can only arrive if nobody buffers.
-    wait_for(two_events, what="two events through nginx")
+    received = read_until(sock, events_arrived(2), "two events through nginx")
     head = received.split(b"\r\n\r\n", 1)[0].decode().lower()
     assert "x-request-id: trace-42" in head
     assert "content-type: text/event-stream" in head

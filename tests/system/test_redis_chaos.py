@@ -14,7 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.system.procs import Mock, Proxy, RedisServer, wait_for
+from tests.system.procs import (
+    Mock,
+    Proxy,
+    RedisServer,
+    events_arrived,
+    raw_post,
+    read_until,
+    response_ended,
+    wait_for,
+)
 from tests.system.test_cache import cache_config, chat, post, stats
 
 _unique = itertools.count()
@@ -117,27 +126,14 @@ def test_answers_finished_while_draining_are_still_stored(
     tmp_path: Path, fresh_mock: Mock, redis_server: RedisServer
 ) -> None:
     import signal
-    import socket
 
     proxy = Proxy(tmp_path, cache_config(fresh_mock, "redis", redis_server), "draining")
     try:
-        body = json.dumps(chat("drained", stream=True, mock={"interval": 0.1})).encode()
-        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
-        sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-            b"Authorization: Bearer key-a\r\nContent-Length: "
-            + str(len(body)).encode()
-            + b"\r\n\r\n"
-            + body
-        )
-        received = b""
-        while b"data: " not in received:
-            received += sock.recv(65536)
+        body = chat("drained", stream=True, mock={"interval": 0.1})
+        sock = raw_post(proxy.port, body, headers={"Authorization": "Bearer key-a"})
+        received = read_until(sock, events_arrived(1), "the stream to start")
         proxy.process.signal(signal.SIGTERM)
-        while not received.endswith(b"0\r\n\r\n"):
-            chunk = sock.recv(65536)
-            assert chunk, received
-            received += chunk
+        received = read_until(sock, response_ended, "the end of the stream", received=received)
         assert b"data: [DONE]" in received
         proxy.process.proc.wait(timeout=30)
         # Redis was still there when the drained stream finished: it was stored.

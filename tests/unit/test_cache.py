@@ -10,7 +10,7 @@ from twisted.internet.defer import fail
 
 from llmproxy.cache import MemoryBackend, cache_key, parse_controls
 from llmproxy.errors import APIError
-from tests.harness import Answer, Harness, chat, config_text, events
+from tests.harness import Answer, Harness, chat, config_text, events, hang_up
 
 KEYS = """
 auth:
@@ -305,7 +305,7 @@ def test_abandoned_stream_leaves_nothing_behind() -> None:
     response = h.result(h.start("POST", "/v1/chat/completions", body))
     h.clock.advance(1)
     h.pump()
-    response.original.deliverBody(_Hangup())
+    hang_up(response)
     h.pump()
     for _ in range(20):
         h.clock.advance(1)
@@ -377,7 +377,7 @@ def test_followers_are_served_when_the_leader_leaves() -> None:
     follower = start_many(h, body, 1)[0]
     h.clock.advance(1)
     h.pump()
-    leader.original.deliverBody(_Hangup())
+    hang_up(leader)
     h.pump()
     for _ in range(15):
         h.clock.advance(1)
@@ -394,10 +394,10 @@ def test_upstream_is_cancelled_when_nobody_listens() -> None:
     h.clock.advance(1)
     h.pump()
     for response in responses[:2]:
-        response.original.deliverBody(_Hangup())
+        hang_up(response)
         h.pump()
         assert h.mocks["a"].stats["disconnects"] == 0
-    responses[2].original.deliverBody(_Hangup())
+    hang_up(responses[2])
     h.pump()
     assert h.mocks["a"].stats["disconnects"] == 1
     assert h.gateway.pipeline.flights == {}
@@ -411,17 +411,6 @@ def test_followers_share_the_leaders_error() -> None:
     answers = [finish(h, d) for d in pending]
     assert [a.code for a in answers] == [400] * 4
     assert len(h.seen()) == 1
-
-
-class _Hangup:
-    def makeConnection(self, transport: Any) -> None:
-        transport.stopProducing()
-
-    def dataReceived(self, data: bytes) -> None:
-        pass
-
-    def connectionLost(self, reason: Any) -> None:
-        pass
 
 
 def test_error_event_streams_are_not_stored() -> None:

@@ -15,7 +15,7 @@ from llmproxy.balancing import LeastBusy, RoundRobin
 from llmproxy.config import Target, parse_yaml
 from llmproxy.forwarder import UpstreamFailure
 from llmproxy.router import Router
-from tests.harness import Harness, chat
+from tests.harness import Harness, chat, hang_up
 
 THREE = {"a": "ka", "b": "kb", "c": "kc"}
 
@@ -435,21 +435,10 @@ def test_connection_slots_are_released_on_every_path() -> None:
         chat("gone", stream=True, mock={"interval": 1.0, "infinite": True}),
     )
     response = h.result(d)
-    response.original.deliverBody(_Hangup())
+    hang_up(response)
     h.pump()
     assert slots.tokens == full
     assert h.gateway.router.inflight.get("a/up-a", 0) == 0
-
-
-class _Hangup:
-    def makeConnection(self, transport: Any) -> None:
-        transport.stopProducing()
-
-    def dataReceived(self, data: bytes) -> None:
-        pass
-
-    def connectionLost(self, reason: Any) -> None:
-        pass
 
 
 def test_a_probe_abandoned_while_being_claimed_is_released() -> None:
@@ -474,8 +463,7 @@ def test_a_probe_abandoned_while_being_claimed_is_released() -> None:
 
 def test_failures_of_attempts_started_before_a_trip_do_not_extend_it() -> None:
     clock = Clock()
-    r = router(three("priority", extra="routing: {cooldown: {failures: 3, seconds: 10}}\n"),
-               clock)
+    r = router(three("priority", extra="routing: {cooldown: {failures: 3, seconds: 10}}\n"), clock)
     for _ in range(6):  # six hung requests time out together
         fail_target(r, "a", "timeout")
     report = r.health_report()["a/up-a"]

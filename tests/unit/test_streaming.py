@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tests.harness import Harness, chat, config_text, events
+from tests.harness import Harness, chat, config_text, events, hang_up
 
 
 def collect_stream(h: Harness, body: dict[str, Any]) -> tuple[Any, list[bytes]]:
@@ -157,7 +157,7 @@ def test_client_disconnect_closes_the_upstream() -> None:
     h.clock.advance(1.0)
     h.pump()
     assert h.mocks["a"].stats["active_streams"] == 1
-    response.original.deliverBody(_Hangup())
+    hang_up(response)
     h.pump()
     assert h.mocks["a"].stats["disconnects"] == 1
     assert h.mocks["a"].stats["active_streams"] == 0
@@ -175,14 +175,3 @@ def test_responses_stream_is_relayed_with_event_lines() -> None:
     rid = json.loads(found[0].split("data: ", 1)[1])["response"]["id"]
     # The id from response.created was remembered: the object is reachable.
     assert h.request("GET", f"/v1/responses/{rid}").code == 200
-
-
-class _Hangup:
-    def makeConnection(self, transport: Any) -> None:
-        transport.stopProducing()
-
-    def dataReceived(self, data: bytes) -> None:
-        pass
-
-    def connectionLost(self, reason: Any) -> None:
-        pass
