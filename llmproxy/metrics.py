@@ -74,9 +74,11 @@ class Metrics:
             self._tokens.labels(model, key).inc(count)
             self.tokens_total += count
 
-    def add_gauges(self, name: str, doc: str, read: Callable[[], dict[str, float]]) -> None:
+    def add_gauges(
+        self, name: str, doc: str, read: Callable[[], dict[str, float]], label: str = "name"
+    ) -> None:
         """Expose a live mapping (e.g. cache counters) as a labelled gauge family."""
-        gauge = Gauge(name, doc, ["name"], registry=self.registry)
+        gauge = Gauge(name, doc, [label], registry=self.registry)
 
         def collect() -> None:
             for label, value in read().items():

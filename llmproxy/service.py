@@ -218,6 +218,21 @@ def build_gateway(
         "Cache lookups and stores by outcome",
         lambda: dict(cache.counters),
     )
+    metrics.add_gauges(
+        "llmproxy_target_available",
+        "1 when a target takes requests (healthy or ready for its probe), 0 when cooling",
+        lambda: {
+            t: float(r["state"] in ("healthy", "half_open"))
+            for t, r in router.health_report().items()
+        },
+        label="target",
+    )
+    metrics.add_gauges(
+        "llmproxy_target_inflight",
+        "Requests in flight to each target",
+        lambda: {t: float(r["inflight"]) for t, r in router.health_report().items()},  # type: ignore[arg-type]
+        label="target",
+    )
     pipeline = Pipeline(
         reactor,
         auth,

@@ -189,6 +189,9 @@ def test_stats_and_metrics_count_requests() -> None:
     metrics = h.request("GET", "/metrics")
     assert metrics.header("content-type").startswith("text/plain")
     assert b'llmproxy_requests_total{endpoint="chat/completions",status="200"} 1.0' in metrics.body
+    assert b'llmproxy_target_available{target="a/upstream-m1"} 1.0' in metrics.body
+    assert b'llmproxy_cache_events{name="stores"} 1.0' in metrics.body
+    assert b"llmproxy_upstream_ttfb_seconds_count" in metrics.body
 
 
 def test_response_ids_cannot_shape_the_upstream_url() -> None:
