@@ -8,6 +8,10 @@ hanging) it sends a fixed number of requests from a few concurrent clients,
 reports how many were answered, by whom, and how fast, then lifts the fault
 and measures how long until the backend gets traffic again.
 
+``streams``: how long after a client hangs up the upstream connection is
+closed, and what a client that stops reading does to the upstream and to the
+proxy's memory.
+
 ``cache``: a proxy with the memory cache and one with the Redis cache (a
 private redis-server on a free port), each in front of the same mock.  It
 measures the latency of a miss (a new prompt every time) and of a hit (the same
@@ -15,6 +19,7 @@ prompt again), for plain and streamed chat completions.
 
     python bench/scenarios.py failover
     python bench/scenarios.py cache --requests 500
+    python bench/scenarios.py streams
 
 Both start their own processes (twistd, redis-server) on free ports and stop
 them at exit.
@@ -70,8 +75,9 @@ def proxy(name: str, config: str, workdir: Path) -> Server:
     return server
 
 
-def call(port: int, method: str, path: str, body: Any = None,
-         timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
+def call(
+    port: int, method: str, path: str, body: Any = None, timeout: float = 30
+) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     data = json.dumps(body) if body is not None else None
     conn.request(method, path, data, {"Content-Type": "application/json"})
@@ -89,8 +95,7 @@ def fmt(values: list[float]) -> str:
     if not values:
         return "-"
     ms = [v * 1000 for v in values]
-    return (f"p50 {percentile(ms, 50):7.2f}  p99 {percentile(ms, 99):8.2f}  "
-            f"max {max(ms):8.2f} ms")
+    return f"p50 {percentile(ms, 50):7.2f}  p99 {percentile(ms, 99):8.2f}  max {max(ms):8.2f} ms"
 
 
 @contextmanager
@@ -119,8 +124,7 @@ def load(port: int, count: int, clients: int, tag: str) -> tuple[Counter[str], l
     def worker(n: int) -> None:
         for i in range(per_client):
             started = time.monotonic()
-            status, headers, _ = call(port, "POST", "/v1/chat/completions",
-                                      chat(f"{tag} {n} {i}"))
+            status, headers, _ = call(port, "POST", "/v1/chat/completions", chat(f"{tag} {n} {i}"))
             elapsed = time.monotonic() - started
             with lock:
                 latencies.append(elapsed)
@@ -174,21 +178,32 @@ def failover(args: argparse.Namespace) -> None:
         def control(name: str, path: str, body: Any) -> None:
             call(mocks[name].port, "POST", path, body)
 
-        print(f"failover: {args.requests} requests per phase from {args.clients} clients; "
-              f"cooldown {args.cooldown}s after 3 failures; first_byte timeout 2s")
+        print(
+            f"failover: {args.requests} requests per phase from {args.clients} clients; "
+            f"cooldown {args.cooldown}s after 3 failures; first_byte timeout 2s"
+        )
         served, lat, failed = load(gateway.port, args.requests, args.clients, "healthy")
-        print(f"  all healthy      served {dict(sorted(served.items()))}  failed {failed}  "
-              f"{fmt(lat)}")
+        print(
+            f"  all healthy      served {dict(sorted(served.items()))}  failed {failed}  {fmt(lat)}"
+        )
 
         # a refuses connections: stop its process.
         stop_server(mocks["a"])
         served, lat, failed = load(gateway.port, args.requests, args.clients, "refusing")
-        print(f"  a refusing       served {dict(sorted(served.items()))}  failed {failed}  "
-              f"{fmt(lat)}")
+        print(
+            f"  a refusing       served {dict(sorted(served.items()))}  failed {failed}  {fmt(lat)}"
+        )
         restarted = start_server(
-            "mock-a", ["llmproxy-mock", "--listen",
-                       f"tcp:{mocks['a'].port}:interface=127.0.0.1", "--name", "a"],
-            mocks["a"].port, workdir,
+            "mock-a",
+            [
+                "llmproxy-mock",
+                "--listen",
+                f"tcp:{mocks['a'].port}:interface=127.0.0.1",
+                "--name",
+                "a",
+            ],
+            mocks["a"].port,
+            workdir,
         )
         wait_ready(restarted, "/v1/models", 30)
         started.append(restarted)
@@ -197,21 +212,24 @@ def failover(args: argparse.Namespace) -> None:
 
         control("b", "/_mock/config", {"status": 500})
         served, lat, failed = load(gateway.port, args.requests, args.clients, "erroring")
-        print(f"  b answering 500  served {dict(sorted(served.items()))}  failed {failed}  "
-              f"{fmt(lat)}")
+        print(
+            f"  b answering 500  served {dict(sorted(served.items()))}  failed {failed}  {fmt(lat)}"
+        )
         control("b", "/_mock/config", {})
         print(f"  b back           first answered by b after {recovery(gateway.port, 'b'):.2f}s")
 
         control("c", "/_mock/config", {"hang": True})
         served, lat, failed = load(gateway.port, args.requests, args.clients, "hanging")
-        print(f"  c hanging        served {dict(sorted(served.items()))}  failed {failed}  "
-              f"{fmt(lat)}")
+        print(
+            f"  c hanging        served {dict(sorted(served.items()))}  failed {failed}  {fmt(lat)}"
+        )
         control("c", "/_mock/config", {})
         print(f"  c back           first answered by c after {recovery(gateway.port, 'c'):.2f}s")
 
         served, lat, failed = load(gateway.port, args.requests, args.clients, "after")
-        print(f"  all healthy      served {dict(sorted(served.items()))}  failed {failed}  "
-              f"{fmt(lat)}")
+        print(
+            f"  all healthy      served {dict(sorted(served.items()))}  failed {failed}  {fmt(lat)}"
+        )
 
 
 # -- cache ------------------------------------------------------------------------------
@@ -226,13 +244,27 @@ def cache(args: argparse.Namespace) -> None:
         started.append(upstream)
         redis_port = free_port()
         redis = subprocess.Popen(
-            [redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                redis_server,
+                "--port",
+                str(redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
-            base = (f"upstreams:\n  main: {{base_url: 'http://127.0.0.1:{upstream.port}/v1'}}\n"
-                    f"models:\n  {MODEL}: {{targets: [{{upstream: main}}]}}\n")
+            base = (
+                f"upstreams:\n  main: {{base_url: 'http://127.0.0.1:{upstream.port}/v1'}}\n"
+                f"models:\n  {MODEL}: {{targets: [{{upstream: main}}]}}\n"
+            )
             memory = proxy("memory", base + "cache: {backend: memory}\n", workdir)
             started.append(memory)
             shared = proxy(
@@ -242,8 +274,10 @@ def cache(args: argparse.Namespace) -> None:
                 workdir,
             )
             started.append(shared)
-            print(f"cache: {args.requests} sequential requests per row; the mock answers at once,"
-                  " so a miss is the proxy plus the mock")
+            print(
+                f"cache: {args.requests} sequential requests per row; the mock answers at once,"
+                " so a miss is the proxy plus the mock"
+            )
             for label, server in (("memory", memory), ("redis", shared)):
                 for stream in (False, True):
                     kind = "stream" if stream else "plain"
@@ -251,16 +285,16 @@ def cache(args: argparse.Namespace) -> None:
                     for i in range(args.requests):
                         body = chat(f"{label} {kind} miss {i}", stream=stream)
                         started_at = time.monotonic()
-                        status, headers, _ = call(server.port, "POST", "/v1/chat/completions",
-                                                  body)
+                        status, headers, _ = call(server.port, "POST", "/v1/chat/completions", body)
                         misses.append(time.monotonic() - started_at)
                         assert status == 200 and headers["x-llmproxy-cache"] == "miss", headers
                     hit_body = chat(f"{label} {kind} hit", stream=stream)
                     call(server.port, "POST", "/v1/chat/completions", hit_body)
                     for _ in range(args.requests):
                         started_at = time.monotonic()
-                        status, headers, _ = call(server.port, "POST", "/v1/chat/completions",
-                                                  hit_body)
+                        status, headers, _ = call(
+                            server.port, "POST", "/v1/chat/completions", hit_body
+                        )
                         hits.append(time.monotonic() - started_at)
                         assert status == 200 and headers["x-llmproxy-cache"] == "hit", headers
                     print(f"  {label:6} {kind:6} miss {fmt(misses)}")
@@ -270,9 +304,96 @@ def cache(args: argparse.Namespace) -> None:
             redis.wait(10)
 
 
+# -- streams: disconnects and backpressure ----------------------------------------------
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def open_stream(port: int, knobs: dict[str, Any]) -> Any:
+    import socket
+
+    data = json.dumps(chat("stream", stream=True, mock=knobs)).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: "
+        + str(len(data)).encode()
+        + b"\r\n\r\n"
+        + data
+    )
+    return sock
+
+
+def streams(args: argparse.Namespace) -> None:
+    with processes() as (started, workdir):
+        upstream = mock("main", workdir)
+        started.append(upstream)
+        config = (
+            f"upstreams:\n  main: {{base_url: 'http://127.0.0.1:{upstream.port}/v1'}}\n"
+            f"models:\n  {MODEL}: {{targets: [{{upstream: main}}]}}\n"
+            "cache: {backend: off}\n"
+        )
+        gateway = proxy("proxy", config, workdir)
+        started.append(gateway)
+
+        def mock_stats() -> dict[str, int]:
+            return json.loads(call(upstream.port, "GET", "/_mock/stats")[2])  # type: ignore[no-any-return]
+
+        # How long from a client hanging up to the upstream seeing its connection closed.
+        delays = []
+        for _ in range(args.runs):
+            before = mock_stats()["disconnects"]
+            sock = open_stream(
+                gateway.port, {"infinite": True, "interval": 0.01, "chunk_bytes": 100}
+            )
+            received = b""
+            while b"data: " not in received:
+                received += sock.recv(65536)
+            hung_up = time.monotonic()
+            sock.close()
+            while mock_stats()["disconnects"] == before:
+                if time.monotonic() - hung_up > 5:
+                    raise SystemExit("bench: the upstream never saw the disconnect")
+            delays.append(time.monotonic() - hung_up)
+        print(
+            f"client disconnect -> upstream closed ({args.runs} runs, polled over HTTP): "
+            f"{fmt(delays)}"
+        )
+
+        # A client that stops reading: the upstream must be paused, memory flat.
+        rss_before = rss_mib(gateway.process.pid)
+        sock = open_stream(gateway.port, {"infinite": True, "chunk_bytes": 65536})
+        samples = []
+        for second in range(args.stall_seconds + 1):
+            stats = mock_stats()
+            samples.append(
+                (
+                    second,
+                    stats["bytes_streamed"] / 2**20,
+                    stats["pauses"],
+                    rss_mib(gateway.process.pid),
+                )
+            )
+            time.sleep(1)
+        sock.close()
+        print(
+            f"client not reading for {args.stall_seconds}s (proxy RSS {rss_before:.1f} MiB before):"
+        )
+        for second, produced, pauses, rss in samples:
+            print(
+                f"  t={second}s  upstream produced {produced:7.1f} MiB  "
+                f"upstream paused {pauses}x  proxy RSS {rss:.1f} MiB"
+            )
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="scenario", required=True)
     f = sub.add_parser("failover", help="faults on one of three backends, and recovery")
     f.add_argument("--requests", type=int, default=300)
@@ -280,8 +401,11 @@ def main() -> None:
     f.add_argument("--cooldown", type=float, default=5.0)
     c = sub.add_parser("cache", help="hit and miss latency, memory and Redis")
     c.add_argument("--requests", type=int, default=300)
+    st = sub.add_parser("streams", help="disconnect propagation and backpressure")
+    st.add_argument("--runs", type=int, default=20)
+    st.add_argument("--stall-seconds", type=int, default=5)
     args = parser.parse_args()
-    {"failover": failover, "cache": cache}[args.scenario](args)
+    {"failover": failover, "cache": cache, "streams": streams}[args.scenario](args)
 
 
 if __name__ == "__main__":

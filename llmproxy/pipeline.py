@@ -429,6 +429,7 @@ class Pipeline:
         if last.kind == "http" and last.status is not None:
             self._pass_error(last, sink, plan)
             return None
+        sink.header("x-llmproxy-upstream", plan.tried[-1].upstream)
         raise last.to_api_error()
 
     def _pass_error(self, failure: UpstreamFailure, sink: ClientSink, plan: Plan) -> None:

@@ -296,6 +296,7 @@ def test_every_try_refused_is_502() -> None:
     h = gateway(clients={n: Refused() for n in "abc"})
     answer = h.request("POST", "/v1/chat/completions", chat())
     assert answer.code == 502 and answer.json()["error"]["code"] == "bad_gateway"
+    assert answer.header("x-llmproxy-upstream") in ("a", "b", "c")  # the last one tried
 
 
 def test_hanging_target_times_out_then_fails_over() -> None:
