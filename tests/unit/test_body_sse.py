@@ -9,6 +9,7 @@ import pytest
 from llmproxy.body import check_fields, parse_body, rewrite_body
 from llmproxy.errors import APIError
 from llmproxy.sse import SSEParser
+from tests.trial import trial_case
 
 
 def test_rewrite_changes_only_model_and_cache() -> None:
@@ -76,3 +77,6 @@ def test_sse_keeps_an_unfinished_event_pending() -> None:
     parser = SSEParser()
     assert parser.feed(b"data: 1\n\ndata: par")[0].data == "1"
     assert parser.pending() == b"data: par"
+
+
+TrialTests = trial_case(globals())

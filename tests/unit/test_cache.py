@@ -10,7 +10,9 @@ from twisted.internet.defer import fail
 
 from llmproxy.cache import MemoryBackend, cache_key, parse_controls
 from llmproxy.errors import APIError
+from llmproxy.redisclient import RedisUnavailable
 from tests.harness import Answer, Harness, chat, config_text, events, hang_up
+from tests.trial import trial_case
 
 KEYS = """
 auth:
@@ -237,13 +239,13 @@ class Broken:
     """A backend whose every call fails, like Redis when it is gone."""
 
     def get(self, key: str) -> Any:
-        return fail(ConnectionError("down"))
+        return fail(RedisUnavailable("down"))
 
     def set(self, key: str, value: bytes, ttl: float) -> Any:
-        return fail(ConnectionError("down"))
+        return fail(RedisUnavailable("down"))
 
     def purge(self) -> Any:
-        return fail(ConnectionError("down"))
+        return fail(RedisUnavailable("down"))
 
     def stats(self) -> dict[str, int | None]:
         return {"entries": None, "bytes": None}
@@ -444,3 +446,6 @@ def test_streams_larger_than_the_record_limit_are_not_held() -> None:
     assert events(first.body)[-1] == "data: [DONE]"
     assert ask(h, body).header("x-llmproxy-cache") == "miss"
     assert h.request("GET", "/stats").json()["cache"]["skipped"]["too_large"] >= 1
+
+
+TrialTests = trial_case(globals())

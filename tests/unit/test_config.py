@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import tempfile
+from contextlib import chdir
 from pathlib import Path
 
 import pytest
 
 from llmproxy.config import ConfigError, find_config, load_config, parse_yaml
+from tests.trial import trial_case
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -133,8 +136,12 @@ def test_packaged_default_is_the_shipped_config() -> None:
     assert (ROOT / "llmproxy" / "default.yaml").read_text() == shipped
 
 
-def test_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
+def test_lookup_order() -> None:
+    with tempfile.TemporaryDirectory() as tmp, chdir(tmp):
+        check_lookup_order(Path(tmp))
+
+
+def check_lookup_order(tmp_path: Path) -> None:
     assert find_config(None, {}) is None  # nothing here: the packaged default
     assert load_config(None, environ={}).source == "<built-in default>"
     (tmp_path / "etc").mkdir()
@@ -145,3 +152,6 @@ def test_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError) as info:
         load_config("/nonexistent.yaml", {})
     assert str(info.value) == "cannot read config /nonexistent.yaml: No such file or directory"
+
+
+TrialTests = trial_case(globals())

@@ -7,8 +7,10 @@ from typing import Any
 import pytest
 from twisted.internet import error as ierror
 from twisted.internet.defer import fail
+from twisted.trial.unittest import SynchronousTestCase
 
 from tests.harness import Answer, Harness, chat, config_text
+from tests.trial import trial_case
 
 KEYS = """
 auth:
@@ -184,13 +186,21 @@ def test_504_upstream_timed_out() -> None:
     assert h.mocks["a"].stats["requests"] == 1
 
 
-def test_500_internal_errors_are_generic(monkeypatch: pytest.MonkeyPatch) -> None:
-    h = Harness()
+class InternalErrorTests(SynchronousTestCase):
+    def test_500_internal_errors_are_generic_and_logged(self) -> None:
+        h = Harness()
 
-    def explode(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("secret internals sk-upstream-a-secret")
+        def explode(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("secret internals sk-upstream-a-secret")
 
-    monkeypatch.setattr(h.gateway.pipeline.router, "plan", explode)
-    answer = h.request("POST", "/v1/chat/completions", chat())
-    error = assert_openai_error(answer, 500, "internal_error")
-    assert "secret" not in error["message"] and answer.header("x-request-id") in error["message"]
+        h.gateway.pipeline.router.plan = explode  # type: ignore[method-assign]
+        answer = h.request("POST", "/v1/chat/completions", chat())
+        error = assert_openai_error(answer, 500, "internal_error")
+        rid = answer.header("x-request-id")
+        assert "secret" not in error["message"] and rid in error["message"]
+        # The operator gets the traceback in the log, under the same request id.
+        logged = self.flushLoggedErrors(RuntimeError)
+        assert len(logged) == 1
+
+
+TrialTests = trial_case(globals())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from tests.harness import Harness, chat, config_text
+from tests.trial import trial_case
 
 
 def test_upstream_gets_the_target_model_key_and_body_byte_for_byte() -> None:
@@ -279,3 +280,6 @@ def test_upstream_endpoints() -> None:
     )
     tls = factory.endpointForURI(URI.fromBytes(b"https://api.openai.com/v1"))
     assert not isinstance(tls, HostnameEndpoint | TCP4ClientEndpoint)  # wrapped in TLS
+
+
+TrialTests = trial_case(globals())

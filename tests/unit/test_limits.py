@@ -13,6 +13,7 @@ from llmproxy.config import ApiKey
 from llmproxy.errors import APIError
 from llmproxy.limits import MemoryLimiter, estimate, retry_after
 from tests.harness import Harness, chat, config_text
+from tests.trial import trial_case
 
 
 def run(coro: Any) -> Any:
@@ -69,3 +70,6 @@ def test_streamed_usage_is_charged_too() -> None:
     body = chat("x", stream=True, stream_options={"include_usage": True})
     assert h.request("POST", "/v1/chat/completions", body, headers=auth).code == 200
     assert h.request("POST", "/v1/chat/completions", chat("y"), headers=auth).code == 429
+
+
+TrialTests = trial_case(globals())

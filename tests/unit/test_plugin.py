@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 from twisted.application.service import IServiceCollection, IServiceMaker
 from twisted.plugin import getPlugins
 from twisted.python import usage
+
+from tests.trial import trial_case
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,7 +43,7 @@ def test_dropin_is_lazy() -> None:
     assert not (ROOT / "twisted" / "__init__.py").exists()
 
 
-def test_make_service_builds_the_named_tree(tmp_path: Path) -> None:
+def test_make_service_builds_the_named_tree() -> None:
     from llmproxy.tap import Options, makeService
 
     options = Options()
@@ -62,13 +65,14 @@ def test_make_service_builds_the_named_tree(tmp_path: Path) -> None:
     assert http.listen == ("tcp:0:interface=127.0.0.1", "tcp:0")  # type: ignore[attr-defined]
 
 
-def test_bad_config_is_a_usage_error(tmp_path: Path) -> None:
+def test_bad_config_is_a_usage_error() -> None:
     from llmproxy.tap import Options
 
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("cache: {ttl: -1}\n")
-    with pytest.raises(usage.UsageError) as info:
-        Options().parseOptions(["--config", str(bad)])
+    with tempfile.TemporaryDirectory() as tmp:
+        bad = Path(tmp) / "bad.yaml"
+        bad.write_text("cache: {ttl: -1}\n")
+        with pytest.raises(usage.UsageError) as info:
+            Options().parseOptions(["--config", str(bad)])
     assert str(info.value) == "cache.ttl: must be > 0, got -1"
 
 
@@ -111,3 +115,6 @@ def test_services_stop_one_after_another_newest_first() -> None:
     gates["upstreams"].callback(None)
     gates["redis"].callback(None)
     assert stopped == ["http", "upstreams", "redis"] and done.called
+
+
+TrialTests = trial_case(globals())

@@ -16,6 +16,7 @@ from llmproxy.config import Target, parse_yaml
 from llmproxy.forwarder import UpstreamFailure
 from llmproxy.router import Router
 from tests.harness import Harness, chat, hang_up
+from tests.trial import trial_case
 
 THREE = {"a": "ka", "b": "kb", "c": "kc"}
 
@@ -471,3 +472,6 @@ def test_failures_of_attempts_started_before_a_trip_do_not_extend_it() -> None:
     assert report["state"] == "cooling_down" and report["cooldown_remaining"] == 10
     clock.advance(10)
     assert r.health_report()["a/up-a"]["state"] == "half_open"
+
+
+TrialTests = trial_case(globals())

@@ -7,6 +7,7 @@ from twisted.internet.testing import StringTransport
 
 from llmproxy.service import build_site
 from tests.harness import Harness, config_text
+from tests.trial import trial_case
 
 
 def channel(limit: int = 100, peer: str = "10.0.0.1"):  # type: ignore[no-untyped-def]
@@ -82,3 +83,6 @@ def test_forwarded_for_is_honoured_only_from_trusted_proxies() -> None:
     )
     assert request_from("198.51.100.7", "203.0.113.9").getClientAddress().host == "198.51.100.7"
     assert request_from("127.0.0.1", "garbage").getClientAddress().host == "127.0.0.1"
+
+
+TrialTests = trial_case(globals())

@@ -1,4 +1,5 @@
 from tests.harness import Harness, chat, events
+from tests.trial import trial_case
 
 
 def test_chat_roundtrip() -> None:
@@ -13,3 +14,6 @@ def test_stream_roundtrip() -> None:
     answer = h.request("POST", "/v1/chat/completions", chat("hi", stream=True))
     assert answer.code == 200, answer.body
     assert events(answer.body)[-1] == "data: [DONE]"
+
+
+TrialTests = trial_case(globals())

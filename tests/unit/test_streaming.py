@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from tests.harness import Harness, chat, config_text, events, hang_up
+from tests.trial import trial_case
 
 
 def collect_stream(h: Harness, body: dict[str, Any]) -> tuple[Any, list[bytes]]:
@@ -119,12 +120,15 @@ def test_paused_client_does_not_trip_the_idle_timer() -> None:
     h = Harness()
     seen: list[bytes] = []
     stream = _BodyStream(h.clock, seen.append, idle=5, remaining=100)
+    outcome: list[object] = []
+    stream.done.addBoth(outcome.append)
     stream.pauseProducing()
     h.clock.advance(50)
     assert stream.failed is None
     stream.resumeProducing()
     h.clock.advance(5)
     assert stream.failed is not None and "idle" in stream.failed.message
+    assert outcome and "idle timeout" in str(outcome[0].value)  # type: ignore[attr-defined]
 
 
 def test_total_timeout_ends_a_long_stream() -> None:
@@ -175,3 +179,6 @@ def test_responses_stream_is_relayed_with_event_lines() -> None:
     rid = json.loads(found[0].split("data: ", 1)[1])["response"]["id"]
     # The id from response.created was remembered: the object is reachable.
     assert h.request("GET", f"/v1/responses/{rid}").code == 200
+
+
+TrialTests = trial_case(globals())
