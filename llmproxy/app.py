@@ -12,6 +12,7 @@ import json
 import re
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from http import HTTPStatus
 from typing import Any
 
 from klein import Klein
@@ -46,6 +47,15 @@ def request_id(request: IRequest) -> str:
     return found
 
 
+def set_status(request: IRequest, status: int) -> None:
+    """Set the status with its standard reason phrase (twisted.web lacks some, e.g. 429)."""
+    try:
+        phrase = HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        phrase = None  # a non-standard upstream status, e.g. 529: twisted.web's default
+    request.setResponseCode(status, phrase)
+
+
 def _headers(request: IRequest) -> dict[str, str]:
     return {
         k.decode("latin-1").lower(): v[0].decode("latin-1")
@@ -72,7 +82,7 @@ class RequestSink:
         self.request.setHeader(name, value)
 
     def start(self, status: int, headers: Mapping[str, str]) -> None:
-        self.request.setResponseCode(status)
+        set_status(self.request, status)
         for name, value in headers.items():
             self.request.setHeader(name, value)
 
@@ -90,7 +100,7 @@ class RequestSink:
 
 
 def _json(request: IRequest, payload: object, status: int = 200) -> bytes:
-    request.setResponseCode(status)
+    set_status(request, status)
     request.setHeader("content-type", "application/json")
     return json.dumps(payload).encode("utf-8")
 
@@ -292,7 +302,7 @@ class Gateway:
             if b"event-stream" in ctype[0]:
                 return error.sse_event()
             return b""
-        request.setResponseCode(error.status)
+        set_status(request, error.status)
         request.setHeader("content-type", "application/json")
         for name, value in error.headers.items():
             request.setHeader(name, value)
@@ -304,11 +314,13 @@ class Gateway:
 
     @app.handle_errors(NotFound)
     def not_found(self, request: Any, failure: Failure) -> bytes:
+        self._begin(request, "unknown")
         path = request.path.decode("utf-8", "replace")
         return self._render_error(request, errors.route_not_found(path))
 
     @app.handle_errors(MethodNotAllowed)
     def method_not_allowed(self, request: Any, failure: Failure) -> bytes:
+        self._begin(request, "unknown")
         error = errors.method_not_allowed(
             request.method.decode("ascii", "replace"),
             request.path.decode("utf-8", "replace"),

@@ -247,11 +247,13 @@ def build_gateway(
 
 
 def build_site(config: Config, gateway: Gateway) -> GatewaySite:
-    return GatewaySite(
+    site = GatewaySite(
         gateway.app.resource(),
         max_body_bytes=config.server.max_body_bytes,
         trusted_proxies=config.server.trusted_proxies,
     )
+    site.rejected = lambda status: gateway.metrics.request("rejected", status)
+    return site
 
 
 def build_service(config: Config, reactor: Any, listen: tuple[str, ...]) -> MultiService:

@@ -13,6 +13,7 @@ crosses the limit.  Either way the connection is closed after the answer.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -72,6 +73,7 @@ class GatewayRequest(Request):
         assert transport is not None
         transport.write(head + body)
         self.channel.loseConnection()
+        self._site.rejected(413)
 
     def getClientAddress(self) -> Any:
         peer = super().getClientAddress()
@@ -123,6 +125,8 @@ class GatewaySite(Site):
         self.max_body_bytes = max_body_bytes
         self.trusted_proxies = frozenset(trusted_proxies)
         self.channels: set[GatewayChannel] = set()
+        #: Told of requests refused before they reach the application (413).
+        self.rejected: Callable[[int], None] = lambda status: None
 
     def close_connections(self) -> Deferred[Any]:
         """

@@ -120,6 +120,9 @@ def test_405_wrong_method() -> None:
     answer = h.request("GET", "/v1/chat/completions")
     assert_openai_error(answer, 405, "method_not_allowed")
     assert answer.header("allow") == "POST"
+    h.request("GET", "/nowhere")
+    by_status = h.request("GET", "/stats").json()["requests"]["by_status"]
+    assert by_status["405"] == 1 and by_status["404"] == 1  # counted like any answer
 
 
 def test_429_rate_limit_with_retry_after() -> None:
@@ -129,6 +132,7 @@ def test_429_rate_limit_with_retry_after() -> None:
     assert h.request("POST", "/v1/chat/completions", chat("2"), headers=auth).code == 200
     answer = h.request("POST", "/v1/chat/completions", chat("3"), headers=auth)
     error = assert_openai_error(answer, 429, "rate_limit_exceeded")
+    assert answer.response.phrase == b"Too Many Requests"
     assert error["type"] == "rate_limit_error"
     retry_after = int(answer.header("retry-after") or "0")
     assert 1 <= retry_after <= 60

@@ -29,6 +29,7 @@ def test_413_from_content_length_before_the_body() -> None:
     assert b'"code": "request_too_large"' in reply
     assert transport.disconnecting
     assert h.seen() == []
+    assert h.gateway.metrics.requests["413"] == 1
 
 
 def test_413_while_reading_a_chunked_body() -> None:
