@@ -11,6 +11,7 @@ falls back to the local memory, which every process keeps as well.
 from __future__ import annotations
 
 import json
+import re
 from collections import OrderedDict
 from typing import Protocol
 
@@ -19,6 +20,14 @@ from twisted.internet.interfaces import IReactorTime
 
 from llmproxy.config import Target
 from llmproxy.redisclient import RedisUnavailable, SharedRedis
+
+#: What a response id may look like before it goes into an upstream URL or a
+#: Redis key (OpenAI's are ``resp_`` + hex).
+_RESPONSE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,255}$")
+
+
+def valid_response_id(value: str) -> bool:
+    return bool(_RESPONSE_ID.match(value))
 
 
 @attrs.frozen

@@ -24,6 +24,7 @@ from twisted.web.server import Request as IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from llmproxy import errors
+from llmproxy.affinity import valid_response_id
 from llmproxy.auth import Authenticator, bearer_token
 from llmproxy.cache import ResponseCache
 from llmproxy.config import Config
@@ -33,7 +34,6 @@ from llmproxy.router import Router
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _RID_ATTR = "_llmproxy_request_id"
-_RESPONSE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,255}$")
 
 
 def request_id(request: IRequest) -> str:
@@ -97,6 +97,11 @@ class RequestSink:
     def unregister_producer(self) -> None:
         if not self._gone:
             self.request.unregisterProducer()
+
+    def abort(self) -> None:
+        transport = self.request.channel.transport if self.request.channel else None
+        if transport is not None and not self._gone:
+            transport.abortConnection()  # type: ignore[attr-defined]
 
 
 def _json(request: IRequest, payload: object, status: int = 200) -> bytes:
@@ -190,7 +195,7 @@ class Gateway:
         await self.pipeline.handle(call, RequestSink(request))
 
     async def _response_object(self, request: IRequest, response_id: str, suffix: str) -> None:
-        if not _RESPONSE_ID.match(response_id):
+        if not valid_response_id(response_id):
             # Never let a client shape the upstream URL (no '?', '#', '/' or '..').
             self._begin(request, "responses/invalid")
             raise errors.response_not_found(response_id)

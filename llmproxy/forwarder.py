@@ -161,6 +161,9 @@ class UpstreamFailure(Exception):
     body: bytes = b""
     headers: Headers | None = None
     retry_after: float | None = None
+    #: The exchange ran out of time while the client was not reading: the
+    #: client's doing, not the target's.
+    client_slow: bool = False
 
     def __str__(self) -> str:
         return f"{self.kind}: {self.message}"
@@ -217,6 +220,9 @@ class _BodyStream(TxProtocol):
         self.idle = idle
         self.done: Deferred[None] = Deferred(self._cancel)
         self.paused = False
+        self.started = reactor.seconds()
+        self.paused_since = 0.0
+        self.paused_for = 0.0
         self.failed: UpstreamFailure | None = None
         self._idle_call: IDelayedCall | None = None
         self._total_call = reactor.callLater(remaining, self._timeout, "total")
@@ -257,7 +263,13 @@ class _BodyStream(TxProtocol):
     def _timeout(self, which: str) -> None:
         seconds = self.idle if which == "idle" else None
         detail = f"{which} timeout of {seconds:g}s" if seconds else f"{which} timeout"
-        self.failed = UpstreamFailure("timeout", detail)
+        now = self.reactor.seconds()
+        paused = self.paused_for + (now - self.paused_since if self.paused else 0.0)
+        # Out of time mostly because the client held the stream paused.
+        client_slow = which == "total" and paused > (now - self.started) / 2
+        if client_slow:
+            detail += " (the client was not reading)"
+        self.failed = UpstreamFailure("timeout", detail, client_slow=client_slow)
         self.stopProducing()
 
     def _cancel(self, d: Deferred[None]) -> None:
@@ -265,12 +277,16 @@ class _BodyStream(TxProtocol):
 
     # IPushProducer, on behalf of the upstream transport
     def pauseProducing(self) -> None:
+        if not self.paused:
+            self.paused_since = self.reactor.seconds()
         self.paused = True
         self._disarm()
         if self.transport is not None:
             self.transport.pauseProducing()  # type: ignore[attr-defined]
 
     def resumeProducing(self) -> None:
+        if self.paused:
+            self.paused_for += self.reactor.seconds() - self.paused_since
         self.paused = False
         self._arm()
         if self.transport is not None:

@@ -27,6 +27,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from llmproxy.config import Cooldown, Target
+from llmproxy.forwarder import UpstreamFailure
 from llmproxy.redisclient import RedisUnavailable, SharedRedis
 
 
@@ -73,10 +74,12 @@ class Breaker:
             self.failures = 0
 
 
-def counts_against(kind: str, status: int | None) -> bool:
+def counts_against(failure: UpstreamFailure) -> bool:
     """Does this failure say the target is unhealthy?"""
-    if kind == "http":
-        return status == 429 or (status or 0) >= 500
+    if failure.client_slow:
+        return False
+    if failure.kind == "http":
+        return failure.status == 429 or (failure.status or 0) >= 500
     return True
 
 
@@ -95,6 +98,8 @@ class HealthStore(Protocol):
 
     async def release_probe(self, target: Target) -> None: ...
 
+    async def end_cooldown(self, target: Target, now: float) -> None: ...
+
 
 class LocalHealth:
     async def pull(self, targets: Sequence[Target], breakers: Mapping[str, Breaker]) -> None:
@@ -112,6 +117,9 @@ class LocalHealth:
         return True
 
     async def release_probe(self, target: Target) -> None:
+        return None
+
+    async def end_cooldown(self, target: Target, now: float) -> None:
         return None
 
 
@@ -140,6 +148,15 @@ redis.call('HSET', KEYS[1], 'failures', failures, 'trips', trips,
            'open_until', string.format('%.3f', open_until))
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[7]))
 return {tostring(failures), tostring(trips), string.format('%.3f', open_until)}
+"""
+
+# KEYS[1] = health hash.  ARGV[1] = now.  A cooling target may be probed now.
+_END_COOLDOWN = """
+local open_until = tonumber(redis.call('HGET', KEYS[1], 'open_until') or '0')
+if open_until > tonumber(ARGV[1]) then
+  redis.call('HSET', KEYS[1], 'open_until', ARGV[1])
+end
+return 1
 """
 
 _PULL = """
@@ -226,6 +243,12 @@ class RedisHealth:
     async def release_probe(self, target: Target) -> None:
         try:
             await self.redis.call("delete", [self.probe_key(target)])
+        except RedisUnavailable:
+            return
+
+    async def end_cooldown(self, target: Target, now: float) -> None:
+        try:
+            await self.redis.call("eval", _END_COOLDOWN, [self.key(target)], [f"{now:.3f}"])
         except RedisUnavailable:
             return
 

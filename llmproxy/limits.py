@@ -44,13 +44,21 @@ def estimate(previous: float, current: float, now: float) -> float:
 
 
 def retry_after(previous: float, current: float, limit: float, now: float) -> float:
-    """Seconds until the estimate falls below ``limit`` again."""
+    """
+    Seconds until the estimate is at most ``limit`` again, if nothing else is
+    admitted meanwhile (always at least one second).
+    """
     start = window_start(now)
-    if current >= limit or previous <= 0:
-        return start + WINDOW - now
-    # previous * (1 - t/W) + current < limit  =>  t > W * (1 - (limit - current) / previous)
-    t = WINDOW * (1 - (limit - current) / previous)
-    return max(1.0, start + t - now)
+    elapsed = now - start
+    if current <= limit and previous > 0:
+        # Later in this minute: previous * (1 - x/W) + current <= limit.
+        x = WINDOW * (1 - (limit - current) / previous)
+        if x <= WINDOW:
+            return max(1.0, x - elapsed)
+    # Next minute, where this minute's count becomes the decaying one:
+    # current * (1 - y/W) <= limit.
+    y = WINDOW * (1 - limit / current) if current > limit else 0.0
+    return max(1.0, WINDOW - elapsed + y)
 
 
 def _refuse(
@@ -86,7 +94,7 @@ class MemoryLimiter:
         if key.tpm is not None:
             _, previous, current = self._counts("tokens", key.name, now)
             if estimate(previous, current, now) >= key.tpm:
-                raise _refuse(key.name, key.tpm, "tokens", previous, current, now, 0)
+                raise _refuse(key.name, key.tpm, "tokens", previous, current, now, 1)
         if key.rpm is not None:
             bucket = self._counts("requests", key.name, now)
             if estimate(bucket[1], bucket[2], now) + 1 > key.rpm:
@@ -151,7 +159,7 @@ class RedisLimiter:
                 # "Over" means the estimate already reached the limit (>=), as in memory.
                 ok, previous, current = await self._take("tokens", key.name, key.tpm, 0, now)
                 if not ok or estimate(previous, current, now) >= key.tpm:
-                    raise _refuse(key.name, key.tpm, "tokens", previous, current, now, 0)
+                    raise _refuse(key.name, key.tpm, "tokens", previous, current, now, 1)
             if key.rpm is not None:
                 ok, previous, current = await self._take("requests", key.name, key.rpm, 1, now)
                 if not ok:

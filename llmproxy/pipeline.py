@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from llmproxy import errors
-from llmproxy.affinity import Pin
+from llmproxy.affinity import Pin, valid_response_id
 from llmproxy.auth import Authenticator, Principal, bearer_token
 from llmproxy.body import check_fields, parse_body, rewrite_body
 from llmproxy.cache import CacheControl, Entry, ResponseCache, cache_key, parse_controls
@@ -83,6 +83,7 @@ class _Observer:
     endpoint: str
     owner: str
     usage_tokens: int = 0
+    data_events: int = 0
     response_ids: list[str] = attrs.field(factory=list)
     terminal: str | None = None
     uncacheable: str | None = None
@@ -100,6 +101,8 @@ class _Observer:
         if event.is_done:
             self.terminal = "[DONE]"
             return
+        if event.data:
+            self.data_events += 1
         kind = event.event
         if kind == "error" or (kind is None and '"error"' in event.data and _has_error(event.data)):
             # e.g. vLLM's `data: {"error": ...}` followed by `data: [DONE]`
@@ -123,6 +126,15 @@ class _Observer:
     def complete(self) -> bool:
         """Ended with the terminal event of a finished answer (cacheable)."""
         return self.terminal in ("[DONE]", "response.completed")
+
+
+def _estimate_tokens(call: Call, observer: _Observer) -> int:
+    """
+    Tokens to charge when the upstream reported no usage (a stream without
+    ``stream_options.include_usage``): about four bytes of prompt per token,
+    and one token per streamed event, as servers stream token by token.
+    """
+    return len(call.body or b"") // 4 + observer.data_events
 
 
 def _has_error(data: str) -> bool:
@@ -283,7 +295,9 @@ class Pipeline:
         plan = await self.router.plan(model, exchange.pinned)
         record = key is not None and controls.store
         stored = await self._forward(call, model, plan, sink, observer, record)
-        await self.limiter.charge_tokens(exchange.principal, observer.usage_tokens)
+        await self.limiter.charge_tokens(
+            exchange.principal, observer.usage_tokens or _estimate_tokens(call, observer)
+        )
         self.metrics.tokens(model.name, exchange.principal.name, observer.usage_tokens)
         if key is None or not controls.store:
             return
@@ -323,7 +337,11 @@ class Pipeline:
         it; anything else is "not found" (an unknown id too: its owner cannot be
         checked).  An open proxy has one tenant and routes unknown ids normally.
         """
+        if not valid_response_id(response_id):
+            raise attrs.evolve(errors.response_not_found(response_id), param=param)
         pin = await self.router.recall(response_id)
+        if pin is not None and pin.target.upstream not in self.forwarder.upstreams:
+            pin = None  # made by an upstream that is no longer configured
         if self.auth.open:
             return pin
         if pin is None or pin.owner != principal.name:
@@ -379,13 +397,11 @@ class Pipeline:
                     call.query,
                 )
                 ttfb = self.reactor.seconds() - started
+                # A half-open probe is judged by its headers: a long answer
+                # must not keep the target closed to everybody else meanwhile.
+                await plan.answered(target)
                 streaming = _is_event_stream(exchange)
                 data = b"" if streaming else await exchange.read()
-            except CancelledError:
-                if exchange is not None:
-                    exchange.close()
-                plan.finished(target)
-                raise
             except UpstreamFailure as failure:
                 await plan.failed(target, failure)
                 self.metrics.attempt(target.upstream, failure.kind, failure.status)
@@ -401,6 +417,13 @@ class Pipeline:
                 if plan.retryable(failure):
                     continue
                 break
+            except BaseException:
+                # Cancelled (the client left) or a bug: either way the upstream
+                # connection, its slot and the in-flight count are given back.
+                if exchange is not None:
+                    exchange.close()
+                plan.finished(target)
+                raise
             self.metrics.attempt(target.upstream, "ok", exchange.status, ttfb)
             try:
                 try:
@@ -411,7 +434,7 @@ class Pipeline:
                             await self._answer(call, exchange, data, sink, observer),
                             None,
                         )
-                except CancelledError:
+                except BaseException:
                     exchange.close()
                     raise
                 # The target's health is judged once its answer is over: a
@@ -588,5 +611,5 @@ class Pipeline:
 
 def _is_event_stream(exchange: Exchange) -> bool:
     value = exchange.headers.getRawHeaders("content-type") or [""]
-    text = value[0].decode() if isinstance(value[0], bytes) else value[0]
+    text = value[0].decode("latin-1") if isinstance(value[0], bytes) else value[0]
     return text.split(";")[0].strip().lower() == "text/event-stream"

@@ -98,18 +98,19 @@ class SharedRedis:
             return await d.addTimeout(self.timeout, self.reactor)
         except CancelledError:
             raise
-        except (DeferTimeoutError, ConnectionError, TimeoutError, ValueError, OSError) as e:
+        except (DeferTimeoutError, ConnectionError, TimeoutError, OSError) as e:
             self._failed(command, e)
-        except Exception as e:
-            # txredisapi's own ConnectionError/TimeoutError/ResponseError derive
-            # from RedisError, not from the builtins.
-            if type(e).__module__ != "txredisapi":
-                raise
-            if type(e).__name__ == "ResponseError":
-                # Redis answered: the command was refused, Redis is not down.
-                self.log.warn("redis {command} refused: {error}", command=command, error=str(e))
-                raise RedisUnavailable("refused") from None
-            self._failed(command, e)
+        except Exception as e:  # noqa: BLE001 - Redis trouble must never fail a request
+            # txredisapi's ConnectionError and TimeoutError derive from its own
+            # RedisError, not from the builtins: those mean Redis is away.
+            if type(e).__name__ in ("ConnectionError", "TimeoutError"):
+                self._failed(command, e)
+            # Anything else (a refused command, a value it cannot encode) is
+            # about this one call: Redis is fine for everybody else.
+            self.log.warn(
+                "redis {command} refused: {error}", command=command, error=type(e).__name__
+            )
+            raise RedisUnavailable(type(e).__name__) from None
         raise AssertionError("unreachable")
 
     def _failed(self, command: str, error: Exception) -> None:

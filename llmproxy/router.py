@@ -57,6 +57,10 @@ class Plan:
             self.router.inflight[target.id] = self.router.inflight.get(target.id, 0) + 1
         return target
 
+    async def answered(self, target: Target) -> None:
+        """Its 2xx headers arrived."""
+        await self.router.answered(target)
+
     async def succeeded(self, target: Target, ttfb: float) -> None:
         """The whole answer arrived (``ttfb``: the time to its headers)."""
         await self.router.succeeded(target, ttfb)
@@ -161,7 +165,9 @@ class Router:
                 return target
             # Half-open: exactly one probe, claimed fleet-wide when shared.
             breaker.probing = True
-            ttl = self.upstreams[target.upstream].timeouts.total
+            # The probe is decided by its headers: hold the claim that long.
+            timeouts = self.upstreams[target.upstream].timeouts
+            ttl = timeouts.connect + timeouts.first_byte
             try:
                 claimed = await self.health.claim_probe(target, ttl)
             except BaseException:
@@ -188,6 +194,14 @@ class Router:
             return "timeout" in retry_on
         return "connect" in retry_on
 
+    async def answered(self, target: Target) -> None:
+        """A 2xx arrived: a half-open probe has passed, the target is healthy again."""
+        breaker = self.breaker(target)
+        if breaker.probing:
+            self.log.info("{target} is healthy again", target=target.id)
+            breaker.succeed()
+            await self.health.succeeded(target)
+
     async def succeeded(self, target: Target, ttfb: float) -> None:
         old = self.ttfb.get(target.id)
         self.ttfb[target.id] = ttfb if old is None else (1 - EWMA_ALPHA) * old + EWMA_ALPHA * ttfb
@@ -199,7 +213,7 @@ class Router:
             await self.health.succeeded(target)
 
     async def failed(self, target: Target, failure: UpstreamFailure) -> None:
-        if not counts_against(failure.kind, failure.status):
+        if not counts_against(failure):
             return
         breaker = self.breaker(target)
         probe = breaker.probing
@@ -223,6 +237,7 @@ class Router:
             if ok:
                 if breaker.state(now) == "cooling_down":
                     breaker.open_until = now  # probe it now rather than later
+                    await self.health.end_cooldown(target, now)
             else:
                 await self.failed(target, UpstreamFailure("connect", "active health check"))
 

@@ -26,3 +26,6 @@ class ClientSink(Protocol):
     def register_producer(self, producer: IPushProducer) -> None: ...
 
     def unregister_producer(self) -> None: ...
+
+    def abort(self) -> None:
+        """Drop the client's connection now, without flushing what is buffered."""

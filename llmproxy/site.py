@@ -41,6 +41,9 @@ class GatewayRequest(Request):
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > self._limit:
             super().gotLength(0)
+            # The channel answers "Expect: 100-continue" after this method; the
+            # 413 is the answer, so no "100 Continue" may follow it.
+            self.requestHeaders.removeHeader(b"expect")
             self._reject()
             return
         super().gotLength(length)

@@ -8,8 +8,13 @@ was already sent (status, headers, events so far) and then the rest live.
 
 The exchange belongs to the flight, not to any one client: when the first
 client hangs up the others are still served, and the upstream is cancelled only
-when nobody is listening any more.  Backpressure is shared: the upstream is
-paused while any follower's connection is backed up.
+when nobody is listening any more.
+
+Backpressure: the upstream is paused only while every follower's connection
+is backed up, so the fastest client sets the pace.  A follower that stays
+backed up while the others read falls behind; once more than
+``MAX_BACKLOG`` bytes have been written for it meanwhile it is dropped, so one
+stuck client can neither stall the others nor make the proxy buffer for it.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class _Follower:
         self.headers = dict(headers)
         self.done: Deferred[None] = Deferred(lambda d: flight.leave(self))
         self.producing = False
+        self.backlog = 0  # bytes written for it while its connection was backed up
 
     def pauseProducing(self) -> None:
         self.flight.pause(self)
@@ -47,6 +53,8 @@ class _Follower:
 
 
 class Flight:
+    MAX_BACKLOG = 4 * 1024 * 1024
+
     def __init__(self, key: str, max_record: int) -> None:
         self.key = key
         self.max_record = max_record
@@ -58,6 +66,7 @@ class Flight:
         self.followers: list[_Follower] = []
         self.upstream: IPushProducer | None = None
         self.paused_by: set[_Follower] = set()
+        self.upstream_paused = False
         self.task: Deferred[Any] | None = None
         self.finished = False
         self.result: Failure | None = None
@@ -89,19 +98,31 @@ class Flight:
             follower.producing = False
             if not follower.sink.gone:
                 follower.sink.unregister_producer()
-        if follower in self.paused_by:
-            self.resume(follower)
+        self.paused_by.discard(follower)
         if not self.followers and not self.finished and self.task is not None:
             self.task.cancel()  # nobody is listening: close the upstream
+        else:
+            self._pace()
 
     def pause(self, follower: _Follower) -> None:
-        if not self.paused_by and self.upstream is not None:
-            self.upstream.pauseProducing()
         self.paused_by.add(follower)
+        self._pace()
 
     def resume(self, follower: _Follower) -> None:
         self.paused_by.discard(follower)
-        if not self.paused_by and self.upstream is not None:
+        follower.backlog = 0
+        self._pace()
+
+    def _pace(self) -> None:
+        """Pause the upstream while every follower is backed up; resume otherwise."""
+        if self.upstream is None:
+            return
+        stalled = bool(self.followers) and all(f in self.paused_by for f in self.followers)
+        if stalled and not self.upstream_paused:
+            self.upstream_paused = True
+            self.upstream.pauseProducing()
+        elif not stalled and self.upstream_paused:
+            self.upstream_paused = False
             self.upstream.resumeProducing()
 
     def finish(self, result: object) -> None:
@@ -117,6 +138,11 @@ class Flight:
         if follower in self.followers:
             self.followers.remove(follower)
         if self.result is not None:
+            if self.status is None:
+                # Nothing was sent: this follower's error answer still says
+                # what the flight knew (the upstream tried, the cache verdict).
+                for name, value in {**self.headers, **follower.headers}.items():
+                    follower.sink.header(name, value)
             follower.done.errback(self.result)
         else:
             follower.done.callback(None)
@@ -145,7 +171,14 @@ class Flight:
                 self.sent = []
             else:
                 self.sent.append(data)
-        for follower in self.followers:
+        for follower in list(self.followers):
+            if follower in self.paused_by:
+                follower.backlog += len(data)
+                if follower.backlog > self.MAX_BACKLOG:
+                    # Stuck while the others read on: let it go.
+                    self.leave(follower)
+                    follower.sink.abort()
+                    continue
             follower.sink.write(data)
 
     def register_producer(self, producer: IPushProducer) -> None:
@@ -154,8 +187,14 @@ class Flight:
             follower.producing = True
             follower.sink.register_producer(follower)
 
+    def abort(self) -> None:
+        for follower in list(self.followers):
+            self.leave(follower)
+            follower.sink.abort()
+
     def unregister_producer(self) -> None:
         self.upstream = None
+        self.upstream_paused = False
         self.paused_by.clear()
         for follower in self.followers:
             if follower.producing:

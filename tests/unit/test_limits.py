@@ -30,6 +30,9 @@ def test_sliding_estimate_and_retry_after() -> None:
     # 10 allowed, 20 in the previous minute, none now: free once 10 of them slid out.
     assert retry_after(previous=20, current=0, limit=10, now=60.0) == 30
     assert retry_after(previous=0, current=10, limit=10, now=75.0) == 45
+    # Full this minute: free only when enough of it has slid out of the next one.
+    assert retry_after(previous=0, current=2, limit=1, now=0.0) == 90
+    assert retry_after(previous=4, current=2, limit=1, now=30.0) == 60
 
 
 def test_rpm_slides_with_the_clock() -> None:
@@ -40,8 +43,12 @@ def test_rpm_slides_with_the_clock() -> None:
     run(limiter.check(who))
     with pytest.raises(APIError) as info:
         run(limiter.check(who))
-    assert info.value.status == 429 and info.value.headers["Retry-After"] == "60"
-    clock.advance(90)  # next minute, half-way: the estimate is 1
+    # Two more minutes' worth? No: at t=90 the first minute counts half (1 of 2).
+    assert info.value.status == 429 and info.value.headers["Retry-After"] == "90"
+    clock.advance(89)
+    with pytest.raises(APIError):
+        run(limiter.check(who))  # the advice was not too short
+    clock.advance(1)  # t=90: the estimate is 1
     run(limiter.check(who))
     with pytest.raises(APIError):
         run(limiter.check(who))
