@@ -32,6 +32,16 @@ def test_413_from_content_length_before_the_body() -> None:
     assert h.gateway.metrics.requests["413"] == 1
 
 
+def test_413_is_not_followed_by_100_continue() -> None:
+    h, proto, transport = channel(limit=100)
+    proto.dataReceived(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n"
+        b"Expect: 100-continue\r\n\r\n"
+    )
+    reply = transport.value()
+    assert reply.startswith(b"HTTP/1.1 413 ") and b"100 Continue" not in reply
+
+
 def test_413_while_reading_a_chunked_body() -> None:
     h, proto, transport = channel(limit=100)
     proto.dataReceived(
