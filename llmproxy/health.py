@@ -56,9 +56,12 @@ class Breaker:
         self.open_until = 0.0
         self.probing = False
 
-    def fail(self, now: float, cooldown: Cooldown, retry_after: float | None) -> None:
-        was_probe = self.probing or (self.open_until and now >= self.open_until)
-        self.probing = False
+    def fail(
+        self, now: float, cooldown: Cooldown, retry_after: float | None, probe: bool = False
+    ) -> None:
+        """A failure; ``probe`` when it was the half-open probe's own."""
+        if probe:
+            self.probing = False
         if now < self.open_until and retry_after is None:
             # Attempts that started before the trip and fail now say nothing new.
             return
@@ -67,7 +70,7 @@ class Breaker:
             self.failures = 0
             return
         self.failures += 1
-        if was_probe or self.failures >= cooldown.failures:
+        if probe or self.failures >= cooldown.failures:
             self.trips += 1
             seconds = min(cooldown.seconds * 2 ** (self.trips - 1), cooldown.max_seconds)
             self.open_until = now + seconds
@@ -131,7 +134,7 @@ local trips = tonumber(redis.call('HGET', KEYS[1], 'trips') or '0')
 local open_until = tonumber(redis.call('HGET', KEYS[1], 'open_until') or '0')
 local now = tonumber(ARGV[1])
 local retry_after = tonumber(ARGV[5])
-local was_probe = ARGV[6] == '1' or (open_until > 0 and now >= open_until)
+local was_probe = ARGV[6] == '1'
 if now < open_until and retry_after < 0 then
   -- already cooling: attempts from before the trip say nothing new
   return {tostring(failures - 1), tostring(trips), string.format('%.3f', open_until)}

@@ -84,6 +84,7 @@ class _Observer:
     owner: str
     usage_tokens: int = 0
     data_events: int = 0
+    answered: bool = False  # a 2xx answer was relayed (something was generated)
     response_ids: list[str] = attrs.field(factory=list)
     terminal: str | None = None
     uncacheable: str | None = None
@@ -294,11 +295,11 @@ class Pipeline:
         observer = _Observer(call.endpoint, exchange.principal.name)
         plan = await self.router.plan(model, exchange.pinned)
         record = key is not None and controls.store
-        stored = await self._forward(call, model, plan, sink, observer, record)
-        await self.limiter.charge_tokens(
-            exchange.principal, observer.usage_tokens or _estimate_tokens(call, observer)
-        )
-        self.metrics.tokens(model.name, exchange.principal.name, observer.usage_tokens)
+        try:
+            stored = await self._forward(call, model, plan, sink, observer, record)
+        finally:
+            # Charged even when the client left half-way: what was generated was used.
+            self._charge(exchange, observer)
         if key is None or not controls.store:
             return
         if stored is None:
@@ -307,6 +308,17 @@ class Pipeline:
             self.cache.skip("client_gone")
         else:
             await self.cache.store(key, stored, controls.ttl)
+
+    def _charge(self, exchange: _Exchange, observer: _Observer) -> None:
+        if observer.usage_tokens:
+            tokens = observer.usage_tokens
+        elif observer.answered:
+            tokens = _estimate_tokens(exchange.call, observer)
+        else:
+            return  # nothing was answered (an error): nothing was generated
+        self.metrics.tokens(exchange.model.name, exchange.principal.name, observer.usage_tokens)
+        charging = Deferred.fromCoroutine(self.limiter.charge_tokens(exchange.principal, tokens))
+        charging.addErrback(lambda f: self.log.failure("charging tokens failed", f))
 
     async def handle_response_object(self, call: Call, sink: ClientSink) -> None:
         """GET/DELETE /responses/{id}, /cancel, /input_items: to the target that made it."""
@@ -497,6 +509,7 @@ class Pipeline:
             pass
         # Remembered before the client can see the id and ask about it.
         await self._remember(observer, exchange.target)
+        observer.answered = True
         sink.start(exchange.status, headers)
         sink.write(data)
         if exchange.status != 200 or not _worth_storing(call.endpoint, data):
@@ -544,6 +557,7 @@ class Pipeline:
                 sink.write(raw)
 
         headers = dict(SSE_HEADERS, **{"x-llmproxy-upstream": target.upstream})
+        observer.answered = True
         sink.start(exchange.status, headers)
         done = exchange.relay(on_data)
         assert exchange.body_stream is not None

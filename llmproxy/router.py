@@ -41,6 +41,9 @@ class Plan:
         self.pinned = pinned
         self.tried: list[Target] = []
         self.attempts_left = 1 + router.routing.retries
+        #: The target this request holds the half-open probe of, if any: only
+        #: this request's outcome may decide it.
+        self.probe: Target | None = None
 
     async def next(self) -> Target | None:
         if self.attempts_left <= 0:
@@ -50,16 +53,25 @@ class Plan:
                 return None
             target: Target | None = self.pinned
         else:
-            target = await self.router.choose(self.model, self.tried)
+            target, probe = await self.router.choose(self.model, self.tried)
+            if probe:
+                self.probe = target
         if target is not None:
             self.attempts_left -= 1
             self.tried.append(target)
             self.router.inflight[target.id] = self.router.inflight.get(target.id, 0) + 1
         return target
 
+    def _holds_probe(self, target: Target) -> bool:
+        held = self.probe == target
+        if held:
+            self.probe = None  # decided (or abandoned) once
+        return held
+
     async def answered(self, target: Target) -> None:
-        """Its 2xx headers arrived."""
-        await self.router.answered(target)
+        """Its 2xx headers arrived: if it was the probe, the target is healthy again."""
+        if self._holds_probe(target):
+            await self.router.probe_passed(target)
 
     async def succeeded(self, target: Target, ttfb: float) -> None:
         """The whole answer arrived (``ttfb``: the time to its headers)."""
@@ -67,16 +79,20 @@ class Plan:
 
     async def failed(self, target: Target, failure: UpstreamFailure) -> None:
         """The attempt failed before any byte reached the client."""
+        probe = self._holds_probe(target)
         self.router.done(target)
-        await self.router.failed(target, failure)
+        await self.router.failed(target, failure, probe)
 
     async def broke(self, target: Target, failure: UpstreamFailure) -> None:
         """The answer was cut or stalled after its headers (the exchange is still open)."""
-        await self.router.failed(target, failure)
+        await self.router.failed(target, failure, probe=False)
 
     def finished(self, target: Target) -> None:
         """The exchange is over (whatever happened)."""
         self.router.done(target)
+        if self._holds_probe(target):
+            # The probe ended with no verdict (the client left): let another try.
+            self.router.release_probe(target)
 
     def retryable(self, failure: UpstreamFailure) -> bool:
         return self.router.retryable(failure)
@@ -144,7 +160,8 @@ class Router:
         await self.health.pull(targets, self.breakers)
         return Plan(self, model, pinned)
 
-    async def choose(self, model: Model, exclude: list[Target]) -> Target | None:
+    async def choose(self, model: Model, exclude: list[Target]) -> tuple[Target | None, bool]:
+        """The next target, and whether this request holds its half-open probe."""
         skipped: list[Target] = []
         while True:
             now = self.reactor.seconds()
@@ -159,32 +176,32 @@ class Router:
             elif left:
                 target = left[0]  # the fallback tier, in config order
             else:
-                return None
+                return None, False
             breaker = self.breaker(target)
             if not breaker.half_open(now):
-                return target
+                return target, False
             # Half-open: exactly one probe, claimed fleet-wide when shared.
             breaker.probing = True
             # The probe is decided by its headers: hold the claim that long.
+            # (It may first wait up to first_byte for a free connection.)
             timeouts = self.upstreams[target.upstream].timeouts
-            ttl = timeouts.connect + timeouts.first_byte
+            ttl = timeouts.connect + 2 * timeouts.first_byte
             try:
                 claimed = await self.health.claim_probe(target, ttl)
             except BaseException:
                 breaker.probing = False  # e.g. the client left: the probe is free again
                 raise
             if claimed:
-                return target
+                return target, True
             breaker.probing = False
             skipped.append(target)
 
     def done(self, target: Target) -> None:
         self.inflight[target.id] = max(0, self.inflight.get(target.id, 0) - 1)
-        breaker = self.breaker(target)
-        if breaker.probing:
-            # The probe ended with no verdict (the client left): let another try.
-            breaker.probing = False
-            Deferred.fromCoroutine(self.health.release_probe(target))
+
+    def release_probe(self, target: Target) -> None:
+        self.breaker(target).probing = False
+        Deferred.fromCoroutine(self.health.release_probe(target))
 
     def retryable(self, failure: UpstreamFailure) -> bool:
         retry_on = self.routing.retry_on
@@ -194,33 +211,34 @@ class Router:
             return "timeout" in retry_on
         return "connect" in retry_on
 
-    async def answered(self, target: Target) -> None:
-        """A 2xx arrived: a half-open probe has passed, the target is healthy again."""
-        breaker = self.breaker(target)
-        if breaker.probing:
-            self.log.info("{target} is healthy again", target=target.id)
-            breaker.succeed()
-            await self.health.succeeded(target)
+    async def probe_passed(self, target: Target) -> None:
+        """The half-open probe got its 2xx: the target is healthy again."""
+        self.log.info("{target} is healthy again", target=target.id)
+        self.breaker(target).succeed()
+        await self.health.succeeded(target)
 
     async def succeeded(self, target: Target, ttfb: float) -> None:
         old = self.ttfb.get(target.id)
         self.ttfb[target.id] = ttfb if old is None else (1 - EWMA_ALPHA) * old + EWMA_ALPHA * ttfb
         breaker = self.breaker(target)
-        if breaker.failures or breaker.open_until or breaker.probing:
-            if breaker.open_until:
-                self.log.info("{target} is healthy again", target=target.id)
-            breaker.succeed()
+        if breaker.failures and not breaker.open_until:
+            # A success in a row of failures: the count starts again.  (A trip
+            # is ended by its probe alone, not by a request that began before.)
+            breaker.failures = 0
             await self.health.succeeded(target)
 
-    async def failed(self, target: Target, failure: UpstreamFailure) -> None:
+    async def failed(self, target: Target, failure: UpstreamFailure, probe: bool) -> None:
         if not counts_against(failure):
+            if probe:
+                self.release_probe(target)
             return
         breaker = self.breaker(target)
-        probe = breaker.probing
         now = self.reactor.seconds()
         retry_after = failure.retry_after if failure.status == 429 else None
-        breaker.fail(now, self.routing.cooldown, retry_after)
+        breaker.fail(now, self.routing.cooldown, retry_after, probe)
         await self.health.failed(target, breaker, now, retry_after, probe)
+        if probe:
+            await self.health.release_probe(target)
         if breaker.open_until > now:
             self.log.warn(
                 "{target} cooling down for {seconds:.1f}s after {failure}",
@@ -239,7 +257,7 @@ class Router:
                     breaker.open_until = now  # probe it now rather than later
                     await self.health.end_cooldown(target, now)
             else:
-                await self.failed(target, UpstreamFailure("connect", "active health check"))
+                await self.failed(target, UpstreamFailure("connect", "active health check"), False)
 
     def targets_of(self, upstream: str) -> list[Target]:
         seen: dict[str, Target] = {}

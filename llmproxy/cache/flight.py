@@ -88,6 +88,8 @@ class Flight:
             sink.register_producer(follower)
         if self.finished:
             self._settle(follower)
+        else:
+            self._pace()  # everybody else may be paused: this one is not (yet)
         return follower.done
 
     def leave(self, follower: _Follower) -> None:

@@ -14,7 +14,7 @@ from zope.interface import implementer
 from llmproxy.cache.flight import Flight
 from llmproxy.forwarder import UpstreamFailure, _BodyStream
 from llmproxy.health import counts_against
-from tests.harness import Harness, chat, config_text, events
+from tests.harness import Harness, chat, config_text, events, hang_up
 from tests.trial import trial_case
 
 ONE = "  m1:\n    targets:\n      - upstream: a\n"
@@ -129,11 +129,11 @@ class LeakTests(SynchronousTestCase):
         slots = h.gateway.pipeline.forwarder.slots["a"]
         full = slots.tokens
 
-        async def broken(target: Any) -> None:
+        async def broken(*args: Any) -> None:
             raise RuntimeError("a bug after the headers")
 
-        h.gateway.pipeline.router.answered = broken  # type: ignore[method-assign]
-        answer = h.request("POST", "/v1/chat/completions", chat("x"))
+        h.gateway.pipeline._relay = broken  # type: ignore[method-assign]
+        answer = h.request("POST", "/v1/chat/completions", chat("x", stream=True))
         assert answer.code == 500
         assert slots.tokens == full
         assert h.gateway.router.inflight.get("a/upstream-m1", 0) == 0
@@ -211,6 +211,72 @@ def test_only_connection_trouble_makes_redis_back_off() -> None:
     assert outcome().check(RedisUnavailable) and redis.available
     connection.error = txredisapi.ConnectionError("Not connected")
     assert outcome().check(RedisUnavailable) and not redis.available  # Redis is away
+
+
+def test_refused_requests_are_not_charged() -> None:
+    h = Harness(
+        config_text() + "auth:\n  keys:\n    - {name: t, key: k, tpm: 1000}\n"
+        "cache: {backend: off}\n"
+    )
+    auth = {"Authorization": "Bearer k"}
+    huge = chat("x" * 8000, mock={"status": 400})  # e.g. context_length_exceeded
+    assert h.request("POST", "/v1/chat/completions", huge, headers=auth).code == 400
+    assert h.request("POST", "/v1/chat/completions", chat("small"), headers=auth).code == 200
+
+
+def test_a_stream_abandoned_half_way_is_still_charged() -> None:
+    h = Harness(
+        config_text() + "auth:\n  keys:\n    - {name: t, key: k, tpm: 300}\ncache: {backend: off}\n"
+    )
+    auth = {"Authorization": "Bearer k"}
+    body = chat("y" * 1200, stream=True, mock={"interval": 1.0})  # about 300 prompt tokens
+    response = h.result(h.start("POST", "/v1/chat/completions", body, headers=auth))
+    h.clock.advance(1)
+    h.pump()
+    hang_up(response)
+    h.pump()
+    assert h.request("POST", "/v1/chat/completions", chat("z"), headers=auth).code == 429
+
+
+def test_an_older_exchange_ending_does_not_free_the_probe() -> None:
+    from twisted.internet.task import Clock
+
+    from llmproxy.forwarder import UpstreamFailure as Failure
+    from tests.unit.test_routing import router, run
+
+    clock = Clock()
+    r = router(
+        "upstreams:\n  a: {base_url: 'http://a/v1'}\n  b: {base_url: 'http://b/v1'}\n"
+        "models:\n  m1:\n    strategy: priority\n    targets: [{upstream: a}, {upstream: b}]\n"
+        "routing: {cooldown: {failures: 1, seconds: 10}}\n",
+        clock,
+    )
+    model = r.models["m1"]
+    old = run(r.plan(model))
+    old_target = run(old.next())  # a long stream on a, begun while it was healthy
+    tripper = run(r.plan(model))
+    target = run(tripper.next())
+    run(tripper.failed(target, Failure("http", "x", status=500)))
+    clock.advance(10)
+    probe_plan = run(r.plan(model))
+    probe = run(probe_plan.next())
+    assert probe.upstream == "a" and r.health_report()["a/m1"]["state"] == "probing"
+    old.finished(old_target)  # the old stream ends: the probe is still the probe's
+    assert r.health_report()["a/m1"]["state"] == "probing"
+    assert run(run(r.plan(model)).next()).upstream == "b"  # no second probe
+
+
+def test_a_follower_joining_while_all_are_paused_is_served() -> None:
+    flight = Flight("k", max_record=1 << 20)
+    first = Sink()
+    flight.follow(first)
+    upstream = Upstream()
+    flight.start(200, {})
+    flight.register_producer(upstream)
+    first.producer.pauseProducing()
+    assert upstream.paused
+    flight.follow(Sink())  # a new reader: the upstream goes on
+    assert not upstream.paused
 
 
 TrialTests = trial_case(globals())
