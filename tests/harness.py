@@ -90,6 +90,12 @@ class Harness:
                 stub.flush()
             self.client.flush()
 
+    def tick(self, step: float, times: int = 1) -> None:
+        """Let ``times`` steps of ``step`` seconds pass, delivering what they bring."""
+        for _ in range(times):
+            self.clock.advance(step)
+            self.pump()
+
     def start(
         self,
         method: str,

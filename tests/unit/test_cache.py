@@ -309,9 +309,7 @@ def test_abandoned_stream_leaves_nothing_behind() -> None:
     h.pump()
     hang_up(response)
     h.pump()
-    for _ in range(20):
-        h.clock.advance(1)
-        h.pump()
+    h.tick(1, 20)
     assert h.mocks["a"].stats["disconnects"] == 1
     stats = h.request("GET", "/stats").json()["cache"]
     assert stats["stores"] == 0 and stats["entries"] == 0
@@ -362,9 +360,7 @@ def test_ten_identical_streams_make_one_upstream_call() -> None:
     h.pump()
     late = start_many(h, body, 5)  # join after a few events went out
     h.pump()
-    for _ in range(15):
-        h.clock.advance(1)
-        h.pump()
+    h.tick(1, 15)
     answers = [finish(h, d) for d in early + late]
     assert len(h.seen()) == 1
     assert len({a.body for a in answers}) == 1
@@ -381,9 +377,7 @@ def test_followers_are_served_when_the_leader_leaves() -> None:
     h.pump()
     hang_up(leader)
     h.pump()
-    for _ in range(15):
-        h.clock.advance(1)
-        h.pump()
+    h.tick(1, 15)
     answer = finish(h, follower)
     assert events(answer.body)[-1] == "data: [DONE]"
     assert h.mocks["a"].stats["disconnects"] == 0 and len(h.seen()) == 1

@@ -39,9 +39,7 @@ def test_a_long_probe_does_not_close_the_target_to_others() -> None:
     response = h.result(probe)
     chunks: list[bytes] = []
     done = response.collect(chunks.append)
-    for _ in range(20):
-        h.clock.advance(5)
-        h.pump()
+    h.tick(5, 20)
     h.result(done)
     assert events(b"".join(chunks))[-1] == "data: [DONE]"
 

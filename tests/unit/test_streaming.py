@@ -61,9 +61,7 @@ def test_events_reach_the_client_before_the_stream_ends() -> None:
     h.clock.advance(1.0)
     h.pump()
     assert b"".join(chunks).count(b"\n\n") == 2
-    for _ in range(10):
-        h.clock.advance(1.0)
-        h.pump()
+    h.tick(1.0, 10)
     h.result(done)
     assert events(b"".join(chunks))[-1] == "data: [DONE]"
 
@@ -141,9 +139,7 @@ def test_total_timeout_ends_a_long_stream() -> None:
     response = h.result(d)
     chunks: list[bytes] = []
     done = response.collect(chunks.append)
-    for _ in range(15):
-        h.clock.advance(1.0)
-        h.pump()
+    h.tick(1.0, 15)
     h.result(done)
     found = events(b"".join(chunks))
     assert found[-1].startswith("event: error")
