@@ -207,4 +207,28 @@ class InternalErrorTests(SynchronousTestCase):
         assert len(logged) == 1
 
 
+class ConnectTimeout:
+    def request(self, method: str, url: str, **kwargs: Any) -> Any:
+        return fail(ierror.TimeoutError("connect timed out"))
+
+
+def test_504_connect_timeout() -> None:
+    h = Harness(config_text(timeouts="{connect: 3}"), clients={"a": ConnectTimeout()})
+    error = assert_openai_error(
+        h.request("POST", "/v1/chat/completions", chat()), 504, "upstream_timeout"
+    )
+    assert "connect timeout of 3s" in error["message"]
+
+
+def test_504_body_stalls_before_reaching_the_client() -> None:
+    h = Harness(config_text(timeouts="{idle: 4}"))
+    d = h.start("POST", "/v1/chat/completions", chat(mock={"stall_after_headers": True}))
+    h.tick(4)
+    response = h.result(d)
+    body: list[bytes] = []
+    h.result(response.collect(body.append))
+    error = assert_openai_error(Answer(response, b"".join(body)), 504, "upstream_timeout")
+    assert "idle timeout of 4s" in error["message"]
+
+
 TrialTests = trial_case(globals())
