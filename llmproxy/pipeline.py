@@ -71,6 +71,7 @@ class Call:
 
 
 _LENGTH = re.compile(r'"finish_reason"\s*:\s*"length"')
+_TOTAL_TOKENS = re.compile(rb'"total_tokens"\s*:\s*(\d+)')
 
 
 @attrs.define
@@ -88,6 +89,21 @@ class _Observer:
     response_ids: list[str] = attrs.field(factory=list)
     terminal: str | None = None
     uncacheable: str | None = None
+
+    def body(self, endpoint: str, data: bytes) -> None:
+        """A whole (non-streamed) answer."""
+        if endpoint.startswith("responses"):
+            try:
+                self.json(json.loads(data))  # the response id is needed
+            except ValueError:
+                pass
+            return
+        # Only the usage is needed: a regex over the bytes costs a fraction of
+        # parsing a large answer (an embeddings batch).  The usage object comes
+        # last; inside a JSON string the quotes would be escaped and not match.
+        matches = _TOTAL_TOKENS.findall(data)
+        if matches:
+            self.usage_tokens = int(matches[-1])
 
     def json(self, payload: object) -> None:
         if not isinstance(payload, dict):
@@ -443,7 +459,7 @@ class Pipeline:
                         entry, broke = await self._relay(call, exchange, sink, observer, record)
                     else:
                         entry, broke = (
-                            await self._answer(call, exchange, data, sink, observer),
+                            await self._answer(call, exchange, data, sink, observer, record),
                             None,
                         )
                 except BaseException:
@@ -499,19 +515,24 @@ class Pipeline:
         sink.write(body)
 
     async def _answer(
-        self, call: Call, exchange: Exchange, data: bytes, sink: ClientSink, observer: _Observer
+        self,
+        call: Call,
+        exchange: Exchange,
+        data: bytes,
+        sink: ClientSink,
+        observer: _Observer,
+        record: bool,
     ) -> Entry | None:
         headers = exchange.client_headers()
         headers["x-llmproxy-upstream"] = exchange.target.upstream
-        try:
-            observer.json(json.loads(data))
-        except ValueError:
-            pass
+        observer.body(call.endpoint, data)
         # Remembered before the client can see the id and ask about it.
         await self._remember(observer, exchange.target)
         observer.answered = True
         sink.start(exchange.status, headers)
         sink.write(data)
+        if not record:
+            return None
         if exchange.status != 200 or not _worth_storing(call.endpoint, data):
             observer.uncacheable = "incomplete_or_error"
             return None
