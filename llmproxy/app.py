@@ -24,7 +24,6 @@ from twisted.web.server import Request as IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from llmproxy import errors
-from llmproxy.affinity import valid_response_id
 from llmproxy.auth import Authenticator, bearer_token
 from llmproxy.cache import ResponseCache
 from llmproxy.config import Config
@@ -195,10 +194,7 @@ class Gateway:
         await self.pipeline.handle(call, RequestSink(request))
 
     async def _response_object(self, request: IRequest, response_id: str, suffix: str) -> None:
-        if not valid_response_id(response_id):
-            # Never let a client shape the upstream URL (no '?', '#', '/' or '..').
-            self._begin(request, "responses/invalid")
-            raise errors.response_not_found(response_id)
+        # The pipeline checks the id before it goes into the upstream URL.
         endpoint = "responses/" + (suffix.strip("/") or request.method.decode().lower())
         path = f"/responses/{response_id}{suffix}"
         call = self._call(request, endpoint, path, response_id=response_id)

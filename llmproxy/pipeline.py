@@ -65,10 +65,6 @@ class Call:
     query: bytes = b""
     response_id: str | None = None
 
-    @property
-    def stream(self) -> bool:
-        return bool(self.payload and self.payload.get("stream") is True)
-
 
 _LENGTH = re.compile(r'"finish_reason"\s*:\s*"length"')
 _TOTAL_TOKENS = re.compile(rb'"total_tokens"\s*:\s*(\d+)')
@@ -90,9 +86,9 @@ class _Observer:
     terminal: str | None = None
     uncacheable: str | None = None
 
-    def body(self, endpoint: str, data: bytes) -> None:
+    def body(self, data: bytes) -> None:
         """A whole (non-streamed) answer."""
-        if endpoint.startswith("responses"):
+        if self.endpoint.startswith("responses"):
             try:
                 self.json(json.loads(data))  # the response id is needed
             except ValueError:
@@ -121,7 +117,7 @@ class _Observer:
         if event.data:
             self.data_events += 1
         kind = event.event
-        if kind == "error" or (kind is None and '"error"' in event.data and _has_error(event.data)):
+        if kind == "error" or (kind is None and '"error"' in event.data and _error_of(event.data)):
             # e.g. vLLM's `data: {"error": ...}` followed by `data: [DONE]`
             self.uncacheable = "error_event"
         elif kind is None and _LENGTH.search(event.data):
@@ -154,20 +150,13 @@ def _estimate_tokens(call: Call, observer: _Observer) -> int:
     return len(call.body or b"") // 4 + observer.data_events
 
 
-def _has_error(data: str) -> bool:
+def _error_of(data: str | bytes) -> object:
+    """The ``error`` member of a JSON object, if the data is one and has it."""
     try:
         payload = json.loads(data)
     except ValueError:
-        return False
-    return isinstance(payload, dict) and bool(payload.get("error"))
-
-
-def _is_openai_error(body: bytes) -> bool:
-    try:
-        payload = json.loads(body)
-    except ValueError:
-        return False
-    return isinstance(payload, dict) and isinstance(payload.get("error"), dict | str)
+        return None
+    return payload.get("error") if isinstance(payload, dict) else None
 
 
 def _worth_storing(endpoint: str, body: bytes) -> bool:
@@ -195,7 +184,7 @@ def _worth_storing(endpoint: str, body: bytes) -> bool:
 
 
 @attrs.frozen
-class _Exchange:
+class _ModelCall:
     """What one model call needs once it has been authorised and keyed."""
 
     call: Call
@@ -257,21 +246,23 @@ class Pipeline:
             pinned = await self._pinned(principal, model, previous)
 
         key = None
-        if not self.cache.enabled:
-            sink.header("x-llmproxy-cache", "off")
-        elif call.endpoint not in CACHEABLE or not (controls.lookup or controls.store):
-            sink.header("x-llmproxy-cache", "bypass")
-            self.cache.counters["bypass"] += 1
-        else:
+        if (
+            self.cache.enabled
+            and call.endpoint in CACHEABLE
+            and (controls.lookup or controls.store)
+        ):
             scope = principal.name if self.cache.scope == "key" else None
             key = cache_key(self.namespace, call.endpoint, model.name, call.payload, scope)
 
-        exchange = _Exchange(call, model, principal, controls, key, pinned)
+        model_call = _ModelCall(call, model, principal, controls, key, pinned)
         if key is None or not controls.lookup:
-            if key is not None:
-                sink.header("x-llmproxy-cache", "bypass")  # no-cache: not read, still stored
+            # Not read from the cache (off, not cacheable, or no-cache: still stored).
+            if self.cache.enabled:
+                sink.header("x-llmproxy-cache", "bypass")
                 self.cache.counters["bypass"] += 1
-            await self._exchange(exchange, sink)
+            else:
+                sink.header("x-llmproxy-cache", "off")
+            await self._exchange(model_call, sink)
             return
         # An identical request in flight: share its upstream call.
         if await self._join(key, sink):
@@ -285,7 +276,7 @@ class Pipeline:
             return
         flight = self.flights[key] = Flight(key, self.max_record)
         done = flight.follow(sink, {"x-llmproxy-cache": "miss"})
-        flight.task = Deferred.fromCoroutine(self._lead(flight, exchange))
+        flight.task = Deferred.fromCoroutine(self._lead(flight, model_call))
         flight.task.addBoth(flight.finish)
         await done
 
@@ -297,25 +288,26 @@ class Pipeline:
         await flight.follow(sink, {"x-llmproxy-cache": "hit", "x-llmproxy-coalesced": "1"})
         return True
 
-    async def _lead(self, flight: Flight, exchange: _Exchange) -> None:
+    async def _lead(self, flight: Flight, model_call: _ModelCall) -> None:
         """The one upstream call of a flight, owned by no single client."""
         try:
-            await self._exchange(exchange, flight)
+            await self._exchange(model_call, flight)
         finally:
             if self.flights.get(flight.key) is flight:
                 del self.flights[flight.key]
 
-    async def _exchange(self, exchange: _Exchange, sink: ClientSink) -> None:
+    async def _exchange(self, model_call: _ModelCall, sink: ClientSink) -> None:
         """Forward, then account the tokens and store the answer if it completed."""
-        call, model, controls, key = exchange.call, exchange.model, exchange.controls, exchange.key
-        observer = _Observer(call.endpoint, exchange.principal.name)
-        plan = await self.router.plan(model, exchange.pinned)
+        call, model = model_call.call, model_call.model
+        controls, key = model_call.controls, model_call.key
+        observer = _Observer(call.endpoint, model_call.principal.name)
+        plan = await self.router.plan(model, model_call.pinned)
         record = key is not None and controls.store
         try:
             stored = await self._forward(call, model, plan, sink, observer, record)
         finally:
             # Charged even when the client left half-way: what was generated was used.
-            self._charge(exchange, observer)
+            self._charge(model_call, observer)
         if key is None or not controls.store:
             return
         if stored is None:
@@ -325,15 +317,16 @@ class Pipeline:
         else:
             await self.cache.store(key, stored, controls.ttl)
 
-    def _charge(self, exchange: _Exchange, observer: _Observer) -> None:
+    def _charge(self, model_call: _ModelCall, observer: _Observer) -> None:
         if observer.usage_tokens:
             tokens = observer.usage_tokens
         elif observer.answered:
-            tokens = _estimate_tokens(exchange.call, observer)
+            tokens = _estimate_tokens(model_call.call, observer)
         else:
             return  # nothing was answered (an error): nothing was generated
-        self.metrics.tokens(exchange.model.name, exchange.principal.name, observer.usage_tokens)
-        charging = Deferred.fromCoroutine(self.limiter.charge_tokens(exchange.principal, tokens))
+        principal = model_call.principal
+        self.metrics.tokens(model_call.model.name, principal.name, observer.usage_tokens)
+        charging = Deferred.fromCoroutine(self.limiter.charge_tokens(principal, tokens))
         charging.addErrback(lambda f: self.log.failure("charging tokens failed", f))
 
     async def handle_response_object(self, call: Call, sink: ClientSink) -> None:
@@ -500,7 +493,7 @@ class Pipeline:
         if plan.tried:
             headers["x-llmproxy-upstream"] = plan.tried[-1].upstream
         body = failure.body
-        if not _is_openai_error(body):
+        if not isinstance(_error_of(body), dict | str):
             body = errors.APIError(
                 failure.status,
                 f"The upstream answered HTTP {failure.status}",
@@ -525,7 +518,7 @@ class Pipeline:
     ) -> Entry | None:
         headers = exchange.client_headers()
         headers["x-llmproxy-upstream"] = exchange.target.upstream
-        observer.body(call.endpoint, data)
+        observer.body(data)
         # Remembered before the client can see the id and ask about it.
         await self._remember(observer, exchange.target)
         observer.answered = True
@@ -585,10 +578,7 @@ class Pipeline:
         sink.register_producer(exchange.body_stream)
         broke: UpstreamFailure | None = None
         try:
-            await done
-        except CancelledError:
-            exchange.close()
-            raise
+            await done  # a cancellation propagates: _forward closes the exchange
         except UpstreamFailure as failure:
             broke = failure
         finally:

@@ -70,7 +70,6 @@ class Flight:
         self.task: Deferred[Any] | None = None
         self.finished = False
         self.result: Failure | None = None
-        self.joined = 0
 
     # -- clients -------------------------------------------------------------------
 
@@ -78,7 +77,6 @@ class Flight:
         """Attach a client; fires when the flight's answer has been fully written."""
         follower = _Follower(self, sink, headers or {})
         self.followers.append(follower)
-        self.joined += 1
         if self.status is not None:
             sink.start(self.status, {**self.headers, **follower.headers})
             for chunk in self.sent:
