@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -51,6 +51,24 @@ def proxy(tmp_session: Path, mock: Mock) -> Iterator[Proxy]:
     p = Proxy(tmp_session, upstream_block([mock], api_key=UPSTREAM_KEY) + CORE_MODELS)
     yield p
     p.stop()
+
+
+StartProxy = Callable[..., Proxy]
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[StartProxy]:
+    """Start proxies with a config text (``start(text, name)``); all stopped at the end."""
+    started: list[Proxy] = []
+
+    def make(text: str, name: str = "proxy") -> Proxy:
+        proxy = Proxy(tmp_path, text, name=name)
+        started.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in started:
+        proxy.stop()
 
 
 @pytest.fixture

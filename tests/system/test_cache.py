@@ -15,7 +15,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.system.conftest import UPSTREAM_KEY
+from tests.system.conftest import UPSTREAM_KEY, StartProxy
 from tests.system.procs import Mock, Proxy, RedisServer, raw_post, upstream_block, wait_for
 
 MODELS = """
@@ -250,17 +250,12 @@ def test_purge(cached_proxy, fresh_mock: Mock) -> None:  # type: ignore[no-untyp
         assert len(redis.cli_call("--scan", "--pattern", "llmproxy:cache:*").split()) == 1
 
 
-def test_memory_bound_is_honoured_under_eviction(tmp_path: Path, fresh_mock: Mock) -> None:
-    proxy = Proxy(
-        tmp_path,
-        cache_config(fresh_mock, "memory", None).replace("max_bytes: 200000", "max_bytes: 4000"),
-    )
-    try:
-        for i in range(12):
-            post(proxy, chat(f"fill {i}"))
-        cache = stats(proxy)["cache"]
-        assert cache["bytes"] <= 4000 and 0 < cache["entries"] < 12
-        assert post(proxy, chat("fill 11"))[1]["x-llmproxy-cache"] == "hit"  # recent: kept
-        assert post(proxy, chat("fill 0"))[1]["x-llmproxy-cache"] == "miss"  # oldest: evicted
-    finally:
-        proxy.stop()
+def test_memory_bound_is_honoured_under_eviction(start: StartProxy, fresh_mock: Mock) -> None:
+    config = cache_config(fresh_mock, "memory", None)
+    proxy = start(config.replace("max_bytes: 200000", "max_bytes: 4000"))
+    for i in range(12):
+        post(proxy, chat(f"fill {i}"))
+    cache = stats(proxy)["cache"]
+    assert cache["bytes"] <= 4000 and 0 < cache["entries"] < 12
+    assert post(proxy, chat("fill 11"))[1]["x-llmproxy-cache"] == "hit"  # recent: kept
+    assert post(proxy, chat("fill 0"))[1]["x-llmproxy-cache"] == "miss"  # oldest: evicted

@@ -15,7 +15,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.system.conftest import UPSTREAM_KEY
+from tests.system.conftest import UPSTREAM_KEY, StartProxy
 from tests.system.procs import (
     BIN,
     Mock,
@@ -246,36 +246,31 @@ def test_llmproxy_help_documents_options() -> None:
     assert "--config" in done.stdout and "--listen" in done.stdout
 
 
-def test_graceful_shutdown_drains_in_flight_streams(tmp_path: Path, mock: Mock) -> None:
+def test_graceful_shutdown_drains_in_flight_streams(start: StartProxy, mock: Mock) -> None:
     from tests.system.conftest import CORE_MODELS
     from tests.system.procs import port_open, upstream_block
 
-    proxy = Proxy(
-        tmp_path, upstream_block([mock], api_key=UPSTREAM_KEY) + CORE_MODELS, name="draining"
+    proxy = start(upstream_block([mock], api_key=UPSTREAM_KEY) + CORE_MODELS, "draining")
+    sock = raw_post(
+        proxy.port,
+        {
+            "model": "gpt-4o-mini",
+            "stream": True,
+            "messages": [{"role": "user", "content": "drain me please"}],
+            "mock": {"interval": 0.1},
+        },
     )
-    try:
-        sock = raw_post(
-            proxy.port,
-            {
-                "model": "gpt-4o-mini",
-                "stream": True,
-                "messages": [{"role": "user", "content": "drain me please"}],
-                "mock": {"interval": 0.1},
-            },
-        )
-        received = read_until(sock, events_arrived(1), "the stream to start")
-        proxy.process.signal(signal.SIGTERM)
-        # The listening port closes at once; the stream in flight still finishes.
-        wait_for(lambda: not port_open(proxy.port), what="the port to close")
-        received = read_until(sock, response_ended, "the end of the stream", received=received)
-        assert b"data: [DONE]" in received
-        assert b"event: error" not in received
-        # twistd re-raises the signal it stopped on, so "killed by SIGTERM" is a clean exit.
-        assert proxy.process.proc.wait(timeout=30) in (0, -signal.SIGTERM)
-        assert "draining 1 in-flight requests" in proxy.process.log()
-        assert "Traceback" not in proxy.process.log()
-    finally:
-        proxy.stop()
+    received = read_until(sock, events_arrived(1), "the stream to start")
+    proxy.process.signal(signal.SIGTERM)
+    # The listening port closes at once; the stream in flight still finishes.
+    wait_for(lambda: not port_open(proxy.port), what="the port to close")
+    received = read_until(sock, response_ended, "the end of the stream", received=received)
+    assert b"data: [DONE]" in received
+    assert b"event: error" not in received
+    # twistd re-raises the signal it stopped on, so "killed by SIGTERM" is a clean exit.
+    assert proxy.process.proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    assert "draining 1 in-flight requests" in proxy.process.log()
+    assert "Traceback" not in proxy.process.log()
 
 
 def test_a_port_in_use_stops_twistd_with_a_clear_message(proxy: Proxy) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.system.conftest import StartProxy
 from tests.system.procs import (
     Mock,
     Proxy,
@@ -43,19 +44,15 @@ def caching_works(proxy: Proxy) -> bool:
 
 
 def test_two_proxies_share_entries(
-    tmp_path: Path, fresh_mock: Mock, redis_server: RedisServer
+    start: StartProxy, fresh_mock: Mock, redis_server: RedisServer
 ) -> None:
     text = cache_config(fresh_mock, "redis", redis_server)
-    first, second = Proxy(tmp_path, text, "p1"), Proxy(tmp_path, text, "p2")
-    try:
-        body = chat("shared", stream=True)
-        made = post(first, body)
-        again = post(second, body)
-        assert again[1]["x-llmproxy-cache"] == "hit" and again[2] == made[2]
-        assert len(fresh_mock.requests()) == 1
-    finally:
-        first.stop()
-        second.stop()
+    first, second = start(text, "p1"), start(text, "p2")
+    body = chat("shared", stream=True)
+    made = post(first, body)
+    again = post(second, body)
+    assert again[1]["x-llmproxy-cache"] == "hit" and again[2] == made[2]
+    assert len(fresh_mock.requests()) == 1
 
 
 def test_paused_redis_is_a_miss(
@@ -94,50 +91,43 @@ def test_killed_and_restarted_redis(
 
 
 def test_two_proxies_share_rate_limits(
-    tmp_path: Path, fresh_mock: Mock, redis_server: RedisServer
+    start: StartProxy, fresh_mock: Mock, redis_server: RedisServer
 ) -> None:
     text = cache_config(fresh_mock, "off", redis_server).replace(
         "{name: team-a, key: key-a}", "{name: team-a, key: key-a, rpm: 3}"
     )
-    first, second = Proxy(tmp_path, text, "p1"), Proxy(tmp_path, text, "p2")
-    try:
-        for proxy in (first, second, first):
-            assert post(proxy, chat(f"limited {proxy.port}"))[0] == 200
-        conn = http.client.HTTPConnection("127.0.0.1", second.port, timeout=10)
-        conn.request(
-            "POST",
-            "/v1/chat/completions",
-            json.dumps(chat("one too many")),
-            {"Authorization": "Bearer key-a"},
-        )
-        refused = conn.getresponse()
-        assert refused.status == 429
-        assert int(refused.getheader("Retry-After") or "0") >= 1
-        assert json.loads(refused.read())["error"]["code"] == "rate_limit_exceeded"
-        keys = redis_server.cli_call("--scan", "--pattern", "llmproxy:limit:requests:team-a:*")
-        assert sum(int(redis_server.cli_call("GET", k)) for k in keys.split()) == 3
-        assert len(fresh_mock.requests()) == 3
-    finally:
-        first.stop()
-        second.stop()
+    first, second = start(text, "p1"), start(text, "p2")
+    for proxy in (first, second, first):
+        assert post(proxy, chat(f"limited {proxy.port}"))[0] == 200
+    conn = http.client.HTTPConnection("127.0.0.1", second.port, timeout=10)
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        json.dumps(chat("one too many")),
+        {"Authorization": "Bearer key-a"},
+    )
+    refused = conn.getresponse()
+    assert refused.status == 429
+    assert int(refused.getheader("Retry-After") or "0") >= 1
+    assert json.loads(refused.read())["error"]["code"] == "rate_limit_exceeded"
+    keys = redis_server.cli_call("--scan", "--pattern", "llmproxy:limit:requests:team-a:*")
+    assert sum(int(redis_server.cli_call("GET", k)) for k in keys.split()) == 3
+    assert len(fresh_mock.requests()) == 3
 
 
 def test_answers_finished_while_draining_are_still_stored(
-    tmp_path: Path, fresh_mock: Mock, redis_server: RedisServer
+    start: StartProxy, fresh_mock: Mock, redis_server: RedisServer
 ) -> None:
     import signal
 
-    proxy = Proxy(tmp_path, cache_config(fresh_mock, "redis", redis_server), "draining")
-    try:
-        body = chat("drained", stream=True, mock={"interval": 0.1})
-        sock = raw_post(proxy.port, body, headers={"Authorization": "Bearer key-a"})
-        received = read_until(sock, events_arrived(1), "the stream to start")
-        proxy.process.signal(signal.SIGTERM)
-        received = read_until(sock, response_ended, "the end of the stream", received=received)
-        assert b"data: [DONE]" in received
-        proxy.process.proc.wait(timeout=30)
-        # Redis was still there when the drained stream finished: it was stored.
-        assert len(redis_server.cli_call("--scan", "--pattern", "llmproxy:cache:*").split()) == 1
-        assert "cache store failed" not in proxy.process.log()
-    finally:
-        proxy.stop()
+    proxy = start(cache_config(fresh_mock, "redis", redis_server), "draining")
+    body = chat("drained", stream=True, mock={"interval": 0.1})
+    sock = raw_post(proxy.port, body, headers={"Authorization": "Bearer key-a"})
+    received = read_until(sock, events_arrived(1), "the stream to start")
+    proxy.process.signal(signal.SIGTERM)
+    received = read_until(sock, response_ended, "the end of the stream", received=received)
+    assert b"data: [DONE]" in received
+    proxy.process.proc.wait(timeout=30)
+    # Redis was still there when the drained stream finished: it was stored.
+    assert len(redis_server.cli_call("--scan", "--pattern", "llmproxy:cache:*").split()) == 1
+    assert "cache store failed" not in proxy.process.log()

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 
 import openai
 import pytest
@@ -37,20 +35,6 @@ def config(
         lines.append(f"      - upstream: {name}\n        weight: {weights.get(name, 1)}")
     lines.append("cache: {backend: off}")
     return "\n".join(lines) + "\n" + extra
-
-
-@pytest.fixture
-def start(tmp_path: Path) -> Iterator[object]:
-    started: list[Proxy] = []
-
-    def make(text: str, name: str = "proxy") -> Proxy:
-        proxy = Proxy(tmp_path, text, name=name)
-        started.append(proxy)
-        return proxy
-
-    yield make
-    for proxy in started:
-        proxy.stop()
 
 
 def ask(proxy: Proxy, text: str = "hi", **extra: object) -> tuple[str, str]:

@@ -83,9 +83,11 @@ def test_usage_is_read_from_the_end_of_an_answer() -> None:
     from llmproxy.pipeline import _Observer
 
     observer = _Observer("embeddings", "k")
-    body = (b'{"data": [{"embedding": "x"}], "note": "say \\"total_tokens\\": 999",'
-            b' "usage": {"prompt_tokens": 7, "total_tokens": 7}}')
-    observer.body("embeddings", body)
+    body = (
+        b'{"data": [{"embedding": "x"}], "note": "say \\"total_tokens\\": 999",'
+        b' "usage": {"prompt_tokens": 7, "total_tokens": 7}}'
+    )
+    observer.body(body)
     assert observer.usage_tokens == 7
 
 
