@@ -2,8 +2,9 @@
 """
 llmproxy benchmark: what the proxy adds on top of an upstream.
 
-It starts two processes on free loopback ports, each with a deadline on its
-readiness:
+It starts two processes on free loopback ports (with
+:mod:`llmproxy.testing.processes`, as the system tests do), each with a
+deadline on its readiness:
 
     twistd -n llmproxy-mock --listen tcp:PORT:interface=127.0.0.1
     twistd -n llmproxy --config <generated yaml> --listen tcp:PORT:interface=127.0.0.1
@@ -30,20 +31,15 @@ Every run is bounded in count and in time.  The processes are stopped at exit
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
 import os
 import platform
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,6 +57,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 import twisted
+from llmproxy.testing.processes import Mock, Proxy, cpu_seconds, proc_status
 
 MODEL = "gpt-4o-mini"
 HEADERS = Headers({b"Content-Type": [b"application/json"]})
@@ -70,106 +67,8 @@ PROMPT = "Benchmark prompt: say something short."
 # -- processes -----------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def twistd_path() -> str:
-    """The twistd of this interpreter's environment, else the one on PATH."""
-    found = shutil.which("twistd", path=str(Path(sys.executable).parent)) or shutil.which("twistd")
-    if found is None:
-        raise SystemExit("bench: twistd not found; install llmproxy here first (pip install .)")
-    return found
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM if the benchmark dies without cleaning up (Linux)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-@dataclass
-class Server:
-    name: str
-    port: int
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log.read_text("utf-8", "replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-
-def start_server(name: str, args: Sequence[str], port: int, workdir: Path) -> Server:
-    log = workdir / f"{name}.log"
-    # -n: stay in the foreground (the pid is ours); --pidfile=: no twistd.pid file.
-    command = [twistd_path(), "-n", "--pidfile=", *args]
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            command,
-            cwd=workdir,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )
-    return Server(name, port, process, log)
-
-
-def wait_ready(server: Server, path: str, timeout: float) -> None:
-    """Poll ``path`` until it answers 200, the process exits, or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    url = server.base + path
-    last = "no answer yet"
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise SystemExit(
-                f"bench: {server.name} exited with status {server.process.returncode} "
-                f"before it was ready:\n{server.log_tail()}"
-            )
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
-                last = f"HTTP {response.status}"
-        except urllib.error.HTTPError as e:
-            last = f"HTTP {e.code}"
-        except (urllib.error.URLError, OSError) as e:
-            last = str(e)
-        time.sleep(0.05)
-    raise SystemExit(
-        f"bench: {server.name} not ready at {url} after {timeout:g}s ({last}):\n{server.log_tail()}"
-    )
-
-
-def stop_server(server: Server, grace: float = 10.0) -> None:
-    process = server.process
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=grace)
-
-
-def proxy_config(proxy_port: int, mock_port: int) -> dict[str, Any]:
+def proxy_config(mock_port: int) -> dict[str, Any]:
     return {
-        "listen": f"tcp:{proxy_port}:interface=127.0.0.1",
         "server": {"drain_seconds": 2},
         "upstreams": {
             "mock": {
@@ -180,34 +79,6 @@ def proxy_config(proxy_port: int, mock_port: int) -> dict[str, Any]:
         "models": {MODEL: {"targets": [{"upstream": "mock"}]}},
         "cache": {"backend": "off"},
     }
-
-
-# -- /proc -------------------------------------------------------------------------
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of a process, in KiB (empty when /proc is not there)."""
-    found: dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
-                    found[key] = int(value.split()[0])
-    except OSError:
-        pass
-    return found
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (0 when /proc is not there)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            fields = f.read().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    # After "pid (comm)": fields[11] is utime and fields[12] is stime, in clock ticks.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # -- load ----------------------------------------------------------------------------
@@ -543,12 +414,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 async def run_bench(
-    reactor: Any, args: argparse.Namespace, mock: Server, proxy: Server
+    reactor: Any, args: argparse.Namespace, mock: Mock, proxy: Proxy
 ) -> dict[str, Any]:
     bench = Bench(reactor, args)
     pid = proxy.process.pid
-    direct_url = mock.base + "/v1/chat/completions"
-    proxied_url = proxy.base + "/v1/chat/completions"
+    direct_url = mock.base_url + "/chat/completions"
+    proxied_url = proxy.base_url + "/chat/completions"
     paths = [("direct", direct_url, None), ("proxied", proxied_url, lambda: cpu_seconds(pid))]
     try:
         await bench.check(direct_url, proxied=False)
@@ -575,40 +446,18 @@ def main(argv: Sequence[str]) -> None:
     # Before the reactor runs, SIGTERM must still unwind through the finally below.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     workdir = Path(tempfile.mkdtemp(prefix="llmproxy-bench-"))
-    servers: list[Server] = []
+    servers: list[Mock | Proxy] = []
     try:
-        mock_port = free_port()
-        mock = start_server(
-            "mock",
-            ["llmproxy-mock", "--listen", f"tcp:{mock_port}:interface=127.0.0.1"],
-            mock_port,
-            workdir,
-        )
+        mock = Mock(workdir, "mock", timeout=args.startup_timeout)
         servers.append(mock)
-        wait_ready(mock, "/v1/models", args.startup_timeout)
-
-        proxy_port = free_port()
-        config = workdir / "llmproxy.yaml"
-        config.write_text(yaml.safe_dump(proxy_config(proxy_port, mock_port), sort_keys=False))
-        proxy = start_server(
-            "proxy",
-            [
-                "llmproxy",
-                "--config",
-                str(config),
-                "--listen",
-                f"tcp:{proxy_port}:interface=127.0.0.1",
-            ],
-            proxy_port,
-            workdir,
-        )
+        config = yaml.safe_dump(proxy_config(mock.port), sort_keys=False)
+        proxy = Proxy(workdir, config, timeout=args.startup_timeout)
         servers.append(proxy)
-        wait_ready(proxy, "/health", args.startup_timeout)
 
         header = (
             f"llmproxy benchmark: Python {platform.python_version()}, "
             f"Twisted {twisted.__version__}, {os.cpu_count()} CPUs, "
-            f"mock 127.0.0.1:{mock_port}, proxy 127.0.0.1:{proxy_port} (pid {proxy.process.pid}), "
+            f"mock 127.0.0.1:{mock.port}, proxy 127.0.0.1:{proxy.port} (pid {proxy.process.pid}), "
             f"cache off"
         )
 
@@ -630,7 +479,7 @@ def main(argv: Sequence[str]) -> None:
         react(lambda reactor: Deferred.fromCoroutine(go(reactor)))
     finally:
         for server in reversed(servers):
-            stop_server(server)
+            server.stop()
         if args.keep:
             print(f"bench: config and logs kept in {workdir}", file=sys.stderr)
         else:

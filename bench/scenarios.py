@@ -31,7 +31,6 @@ import argparse
 import http.client
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -40,39 +39,19 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import Server, free_port, percentile, start_server, stop_server, wait_ready  # noqa: E402
+from run import percentile  # noqa: E402
+
+from llmproxy.testing.processes import Mock, Proxy, RedisServer, proc_status  # noqa: E402
 
 MODEL = "m"
 
 
-def mock(name: str, workdir: Path) -> Server:
-    port = free_port()
-    server = start_server(
-        f"mock-{name}",
-        ["llmproxy-mock", "--listen", f"tcp:{port}:interface=127.0.0.1", "--name", name],
-        port,
-        workdir,
-    )
-    wait_ready(server, "/v1/models", 30)
-    return server
-
-
-def proxy(name: str, config: str, workdir: Path) -> Server:
-    port = free_port()
-    path = workdir / f"{name}.yaml"
-    path.write_text(config)
-    server = start_server(
-        name,
-        ["llmproxy", "--config", str(path), "--listen", f"tcp:{port}:interface=127.0.0.1"],
-        port,
-        workdir,
-    )
-    wait_ready(server, "/health", 30)
-    return server
+class Stoppable(Protocol):
+    def stop(self) -> object: ...
 
 
 def call(
@@ -99,14 +78,14 @@ def fmt(values: list[float]) -> str:
 
 
 @contextmanager
-def processes() -> Iterator[tuple[list[Server], Path]]:
-    started: list[Server] = []
+def processes() -> Iterator[tuple[list[Stoppable], Path]]:
+    started: list[Stoppable] = []
     workdir = Path(tempfile.mkdtemp(prefix="llmproxy-bench-"))
     try:
         yield started, workdir
     finally:
         for server in reversed(started):
-            stop_server(server)
+            server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -158,7 +137,7 @@ def failover(args: argparse.Namespace) -> None:
     with processes() as (started, workdir):
         mocks = {}
         for name in "abc":
-            mocks[name] = mock(name, workdir)
+            mocks[name] = Mock(workdir, name, timeout=30)
             started.append(mocks[name])
         timeouts = "{connect: 1, first_byte: 2, idle: 5, total: 30}"
         ups = "".join(
@@ -172,11 +151,8 @@ def failover(args: argparse.Namespace) -> None:
             f"routing: {{retries: 2, cooldown: {{failures: 3, seconds: {args.cooldown}, "
             "max_seconds: 60}}\ncache: {backend: off}\n"
         )
-        gateway = proxy("proxy", config, workdir)
+        gateway = Proxy(workdir, config, timeout=30)
         started.append(gateway)
-
-        def control(name: str, path: str, body: Any) -> None:
-            call(mocks[name].port, "POST", path, body)
 
         print(
             f"failover: {args.requests} requests per phase from {args.clients} clients; "
@@ -188,42 +164,30 @@ def failover(args: argparse.Namespace) -> None:
         )
 
         # a refuses connections: stop its process.
-        stop_server(mocks["a"])
+        mocks["a"].stop()
         served, lat, failed = load(gateway.port, args.requests, args.clients, "refusing")
         print(
             f"  a refusing       served {dict(sorted(served.items()))}  failed {failed}  {fmt(lat)}"
         )
-        restarted = start_server(
-            "mock-a",
-            [
-                "llmproxy-mock",
-                "--listen",
-                f"tcp:{mocks['a'].port}:interface=127.0.0.1",
-                "--name",
-                "a",
-            ],
-            mocks["a"].port,
-            workdir,
-        )
-        wait_ready(restarted, "/v1/models", 30)
+        restarted = Mock(workdir, "a", port=mocks["a"].port, timeout=30)
         started.append(restarted)
         mocks["a"] = restarted
         print(f"  a back           first answered by a after {recovery(gateway.port, 'a'):.2f}s")
 
-        control("b", "/_mock/config", {"status": 500})
+        mocks["b"].configure(status=500)
         served, lat, failed = load(gateway.port, args.requests, args.clients, "erroring")
         print(
             f"  b answering 500  served {dict(sorted(served.items()))}  failed {failed}  {fmt(lat)}"
         )
-        control("b", "/_mock/config", {})
+        mocks["b"].configure()
         print(f"  b back           first answered by b after {recovery(gateway.port, 'b'):.2f}s")
 
-        control("c", "/_mock/config", {"hang": True})
+        mocks["c"].configure(hang=True)
         served, lat, failed = load(gateway.port, args.requests, args.clients, "hanging")
         print(
             f"  c hanging        served {dict(sorted(served.items()))}  failed {failed}  {fmt(lat)}"
         )
-        control("c", "/_mock/config", {})
+        mocks["c"].configure()
         print(f"  c back           first answered by c after {recovery(gateway.port, 'c'):.2f}s")
 
         served, lat, failed = load(gateway.port, args.requests, args.clients, "after")
@@ -236,82 +200,58 @@ def failover(args: argparse.Namespace) -> None:
 
 
 def cache(args: argparse.Namespace) -> None:
-    redis_server = shutil.which("redis-server")
-    if redis_server is None:
-        raise SystemExit("bench: needs redis-server (apt-get install -y redis-server)")
     with processes() as (started, workdir):
-        upstream = mock("main", workdir)
+        upstream = Mock(workdir, "main", timeout=30)
         started.append(upstream)
-        redis_port = free_port()
-        redis = subprocess.Popen(
-            [
-                redis_server,
-                "--port",
-                str(redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
         try:
-            base = (
-                f"upstreams:\n  main: {{base_url: 'http://127.0.0.1:{upstream.port}/v1'}}\n"
-                f"models:\n  {MODEL}: {{targets: [{{upstream: main}}]}}\n"
-            )
-            memory = proxy("memory", base + "cache: {backend: memory}\n", workdir)
-            started.append(memory)
-            shared = proxy(
-                "redis",
-                base + f"redis: {{url: 'redis://127.0.0.1:{redis_port}/0'}}\n"
-                "cache: {backend: redis}\n",
-                workdir,
-            )
-            started.append(shared)
-            print(
-                f"cache: {args.requests} sequential requests per row; the mock answers at once,"
-                " so a miss is the proxy plus the mock"
-            )
-            for label, server in (("memory", memory), ("redis", shared)):
-                for stream in (False, True):
-                    kind = "stream" if stream else "plain"
-                    misses, hits = [], []
-                    for i in range(args.requests):
-                        body = chat(f"{label} {kind} miss {i}", stream=stream)
-                        started_at = time.monotonic()
-                        status, headers, _ = call(server.port, "POST", "/v1/chat/completions", body)
-                        misses.append(time.monotonic() - started_at)
-                        assert status == 200 and headers["x-llmproxy-cache"] == "miss", headers
-                    hit_body = chat(f"{label} {kind} hit", stream=stream)
-                    call(server.port, "POST", "/v1/chat/completions", hit_body)
-                    for _ in range(args.requests):
-                        started_at = time.monotonic()
-                        status, headers, _ = call(
-                            server.port, "POST", "/v1/chat/completions", hit_body
-                        )
-                        hits.append(time.monotonic() - started_at)
-                        assert status == 200 and headers["x-llmproxy-cache"] == "hit", headers
-                    print(f"  {label:6} {kind:6} miss {fmt(misses)}")
-                    print(f"  {label:6} {kind:6} hit  {fmt(hits)}")
-        finally:
-            redis.terminate()
-            redis.wait(10)
+            redis = RedisServer(workdir)
+        except AssertionError as e:
+            raise SystemExit(f"bench: {e}") from None
+        started.append(redis)
+        base = (
+            f"upstreams:\n  main: {{base_url: '{upstream.base_url}'}}\n"
+            f"models:\n  {MODEL}: {{targets: [{{upstream: main}}]}}\n"
+        )
+        memory = Proxy(workdir, base + "cache: {backend: memory}\n", "memory", timeout=30)
+        started.append(memory)
+        shared = Proxy(
+            workdir,
+            base + f"redis: {{url: '{redis.url}'}}\ncache: {{backend: redis}}\n",
+            "redis",
+            timeout=30,
+        )
+        started.append(shared)
+        print(
+            f"cache: {args.requests} sequential requests per row; the mock answers at once,"
+            " so a miss is the proxy plus the mock"
+        )
+        for label, server in (("memory", memory), ("redis", shared)):
+            for stream in (False, True):
+                kind = "stream" if stream else "plain"
+                misses, hits = [], []
+                for i in range(args.requests):
+                    body = chat(f"{label} {kind} miss {i}", stream=stream)
+                    started_at = time.monotonic()
+                    status, headers, _ = call(server.port, "POST", "/v1/chat/completions", body)
+                    misses.append(time.monotonic() - started_at)
+                    assert status == 200 and headers["x-llmproxy-cache"] == "miss", headers
+                hit_body = chat(f"{label} {kind} hit", stream=stream)
+                call(server.port, "POST", "/v1/chat/completions", hit_body)
+                for _ in range(args.requests):
+                    started_at = time.monotonic()
+                    status, headers, _ = call(server.port, "POST", "/v1/chat/completions", hit_body)
+                    hits.append(time.monotonic() - started_at)
+                    assert status == 200 and headers["x-llmproxy-cache"] == "hit", headers
+                print(f"  {label:6} {kind:6} miss {fmt(misses)}")
+                print(f"  {label:6} {kind:6} hit  {fmt(hits)}")
 
 
 # -- streams: disconnects and backpressure ----------------------------------------------
 
 
 def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    rss = proc_status(pid).get("VmRSS")
+    return rss / 1024 if rss is not None else float("nan")
 
 
 def open_stream(port: int, knobs: dict[str, Any]) -> Any:
@@ -330,18 +270,16 @@ def open_stream(port: int, knobs: dict[str, Any]) -> Any:
 
 def streams(args: argparse.Namespace) -> None:
     with processes() as (started, workdir):
-        upstream = mock("main", workdir)
+        upstream = Mock(workdir, "main", timeout=30)
         started.append(upstream)
         config = (
             f"upstreams:\n  main: {{base_url: 'http://127.0.0.1:{upstream.port}/v1'}}\n"
             f"models:\n  {MODEL}: {{targets: [{{upstream: main}}]}}\n"
             "cache: {backend: off}\n"
         )
-        gateway = proxy("proxy", config, workdir)
+        gateway = Proxy(workdir, config, timeout=30)
         started.append(gateway)
-
-        def mock_stats() -> dict[str, int]:
-            return json.loads(call(upstream.port, "GET", "/_mock/stats")[2])  # type: ignore[no-any-return]
+        mock_stats = upstream.stats
 
         # How long from a client hanging up to the upstream seeing its connection closed.
         delays = []

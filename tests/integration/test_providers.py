@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from tests.system.procs import Proxy
+from llmproxy.testing.processes import Proxy
 
 pytestmark = pytest.mark.integration
 

@@ -1,13 +1,12 @@
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.system.procs import Mock, Proxy, RedisServer, upstream_block
-
-UPSTREAM_KEY = "sk-mock-upstream-secret"
+from llmproxy.testing.processes import Mock, Proxy, RedisServer, upstream_block
+from tests.system.harness import CORE_MODELS, UPSTREAM_KEY, StartProxy
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -29,31 +28,11 @@ def mock(tmp_session: Path) -> Iterator[Mock]:
     m.stop()
 
 
-CORE_MODELS = """
-models:
-  gpt-4o-mini:
-    targets:
-      - upstream: main
-        model: mock-model
-  gpt-4o:
-    targets:
-      - upstream: main
-  text-embedding-3-small:
-    targets:
-      - upstream: main
-cache:
-  backend: off
-"""
-
-
 @pytest.fixture(scope="session")
 def proxy(tmp_session: Path, mock: Mock) -> Iterator[Proxy]:
     p = Proxy(tmp_session, upstream_block([mock], api_key=UPSTREAM_KEY) + CORE_MODELS)
     yield p
     p.stop()
-
-
-StartProxy = Callable[..., Proxy]
 
 
 @pytest.fixture

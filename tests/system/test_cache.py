@@ -15,36 +15,16 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.system.conftest import UPSTREAM_KEY, StartProxy
-from tests.system.procs import Mock, Proxy, RedisServer, raw_post, upstream_block, wait_for
+from llmproxy.testing.processes import Mock, Proxy, RedisServer, wait_for
+from tests.system.harness import StartProxy, cache_config, chat, post, raw_post, stats
 
-MODELS = """
-models:
-  m:
-    targets:
-      - upstream: main
-auth:
-  keys:
-    - {name: team-a, key: key-a}
-    - {name: team-b, key: key-b}
-"""
-
-
-def cache_config(mock: Mock, backend: str, redis: RedisServer | None, extra: str = "") -> str:
-    text = (
-        upstream_block([mock], api_key=UPSTREAM_KEY)
-        + MODELS
-        + f"cache: {{backend: {backend}, max_bytes: 200000}}\n"
-    )
-    if redis is not None:
-        text += f"redis: {{url: '{redis.url}', timeout: 0.25}}\n"
-    return text + extra
+Cached = tuple[Proxy, RedisServer | None]
 
 
 @pytest.fixture(params=["memory", "redis"])
 def cached_proxy(
     request: pytest.FixtureRequest, tmp_path: Path, fresh_mock: Mock
-) -> Iterator[tuple[Proxy, RedisServer | None]]:
+) -> Iterator[Cached]:
     redis = RedisServer(tmp_path) if request.param == "redis" else None
     proxy = Proxy(tmp_path, cache_config(fresh_mock, request.param, redis))
     yield proxy, redis
@@ -53,38 +33,7 @@ def cached_proxy(
         redis.stop()
 
 
-def post(
-    proxy: Proxy,
-    body: dict[str, object],
-    key: str = "key-a",
-    headers: dict[str, str] | None = None,
-    path: str = "/v1/chat/completions",
-) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
-    conn.request(
-        "POST",
-        path,
-        json.dumps(body),
-        {"Authorization": f"Bearer {key}", "Content-Type": "application/json", **(headers or {})},
-    )
-    response = conn.getresponse()
-    data = response.read()
-    conn.close()
-    assert response.status == 200, data
-    return response.status, {k.lower(): v for k, v in response.getheaders()}, data
-
-
-def stats(proxy: Proxy) -> dict[str, dict[str, int]]:
-    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
-    conn.request("GET", "/stats")
-    return json.loads(conn.getresponse().read())  # type: ignore[no-any-return]
-
-
-def chat(text: str, **extra: object) -> dict[str, object]:
-    return {"model": "m", "messages": [{"role": "user", "content": text}], **extra}
-
-
-def test_basic_caching(cached_proxy, fresh_mock: Mock) -> None:  # type: ignore[no-untyped-def]
+def test_basic_caching(cached_proxy: Cached, fresh_mock: Mock) -> None:
     proxy, redis = cached_proxy
     first = post(proxy, chat("cache me"))
     second = post(proxy, chat("cache me"))
@@ -102,7 +51,9 @@ def test_basic_caching(cached_proxy, fresh_mock: Mock) -> None:  # type: ignore[
         assert 0 < int(redis.cli_call("TTL", keys[0])) <= 3600
 
 
-def test_changed_temperature_misses_reordered_keys_hit(cached_proxy, fresh_mock: Mock) -> None:  # type: ignore[no-untyped-def]
+def test_changed_temperature_misses_reordered_keys_hit(
+    cached_proxy: Cached, fresh_mock: Mock
+) -> None:
     proxy, _ = cached_proxy
     post(proxy, {"model": "m", "temperature": 0.5, "messages": [{"role": "user", "content": "t"}]})
     reordered = post(
@@ -116,7 +67,7 @@ def test_changed_temperature_misses_reordered_keys_hit(cached_proxy, fresh_mock:
     assert len(fresh_mock.requests()) == 2
 
 
-def test_streaming_caching(cached_proxy, fresh_mock: Mock) -> None:  # type: ignore[no-untyped-def]
+def test_streaming_caching(cached_proxy: Cached, fresh_mock: Mock) -> None:
     proxy, _ = cached_proxy
     body = chat("stream", stream=True, stream_options={"include_usage": True})
     first = post(proxy, body)
@@ -144,7 +95,7 @@ def test_streaming_caching(cached_proxy, fresh_mock: Mock) -> None:  # type: ign
     assert len(fresh_mock.requests()) == 1
 
 
-def test_responses_streaming_caching(cached_proxy, fresh_mock: Mock) -> None:  # type: ignore[no-untyped-def]
+def test_responses_streaming_caching(cached_proxy: Cached, fresh_mock: Mock) -> None:
     proxy, _ = cached_proxy
     body = {"model": "m", "input": "typed", "stream": True}
     first = post(proxy, body, path="/v1/responses")
@@ -156,7 +107,7 @@ def test_responses_streaming_caching(cached_proxy, fresh_mock: Mock) -> None:  #
     assert len(fresh_mock.requests()) == 1
 
 
-def test_controls(cached_proxy, fresh_mock: Mock) -> None:  # type: ignore[no-untyped-def]
+def test_controls(cached_proxy: Cached, fresh_mock: Mock) -> None:
     proxy, _ = cached_proxy
     post(proxy, chat("ctl"))
     assert (
@@ -171,7 +122,7 @@ def test_controls(cached_proxy, fresh_mock: Mock) -> None:  # type: ignore[no-un
     assert all("cache" not in json.loads(r["body"]) for r in fresh_mock.requests())
 
 
-def test_scope_isolation(cached_proxy, fresh_mock: Mock) -> None:  # type: ignore[no-untyped-def]
+def test_scope_isolation(cached_proxy: Cached, fresh_mock: Mock) -> None:
     proxy, _ = cached_proxy
     post(proxy, chat("mine"), key="key-a")
     assert post(proxy, chat("mine"), key="key-b")[1]["x-llmproxy-cache"] == "miss"
@@ -179,7 +130,7 @@ def test_scope_isolation(cached_proxy, fresh_mock: Mock) -> None:  # type: ignor
     assert len(fresh_mock.requests()) == 2
 
 
-def test_cut_and_abandoned_streams_are_not_stored(cached_proxy, fresh_mock: Mock) -> None:  # type: ignore[no-untyped-def]
+def test_cut_and_abandoned_streams_are_not_stored(cached_proxy: Cached, fresh_mock: Mock) -> None:
     proxy, redis = cached_proxy
     body = chat("cut", stream=True, mock={"cut_after": 2})
     assert b"event: error" in post(proxy, body)[2]
@@ -194,7 +145,9 @@ def test_cut_and_abandoned_streams_are_not_stored(cached_proxy, fresh_mock: Mock
         assert redis.cli_call("--scan", "--pattern", "llmproxy:cache:*") == ""
 
 
-def test_concurrent_identical_requests_share_one_call(cached_proxy, fresh_mock: Mock) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_identical_requests_share_one_call(
+    cached_proxy: Cached, fresh_mock: Mock
+) -> None:
     proxy, _ = cached_proxy
 
     async def run(stream: bool) -> list[str]:
@@ -227,7 +180,7 @@ def test_concurrent_identical_requests_share_one_call(cached_proxy, fresh_mock: 
         while not (fresh_mock.stats()["gated"] == 1 and coalesced()):
             assert asyncio.get_running_loop().time() < deadline, "requests did not line up"
             await asyncio.sleep(0.01)
-        fresh_mock._call("POST", "/_mock/release", {})
+        fresh_mock.release()
         return await asyncio.gather(*tasks)
 
     for stream in (False, True):
@@ -237,7 +190,7 @@ def test_concurrent_identical_requests_share_one_call(cached_proxy, fresh_mock: 
         assert len(fresh_mock.requests()) == before + 1
 
 
-def test_purge(cached_proxy, fresh_mock: Mock) -> None:  # type: ignore[no-untyped-def]
+def test_purge(cached_proxy: Cached, fresh_mock: Mock) -> None:
     proxy, redis = cached_proxy
     for i in range(3):
         post(proxy, chat(f"purge {i}"))

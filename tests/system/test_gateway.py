@@ -15,16 +15,15 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.system.conftest import UPSTREAM_KEY, StartProxy
-from tests.system.procs import (
-    BIN,
-    Mock,
-    Proxy,
+from llmproxy.testing.processes import BIN, Mock, Proxy, port_open, upstream_block, wait_for
+from tests.system.harness import (
+    CORE_MODELS,
+    UPSTREAM_KEY,
+    StartProxy,
     events_arrived,
     raw_post,
     read_until,
     response_ended,
-    wait_for,
 )
 
 
@@ -247,9 +246,6 @@ def test_llmproxy_help_documents_options() -> None:
 
 
 def test_graceful_shutdown_drains_in_flight_streams(start: StartProxy, mock: Mock) -> None:
-    from tests.system.conftest import CORE_MODELS
-    from tests.system.procs import port_open, upstream_block
-
     proxy = start(upstream_block([mock], api_key=UPSTREAM_KEY) + CORE_MODELS, "draining")
     sock = raw_post(
         proxy.port,

@@ -8,15 +8,8 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from tests.system.procs import (
-    Mock,
-    Nginx,
-    Proxy,
-    events_arrived,
-    raw_post,
-    read_until,
-    wait_for,
-)
+from llmproxy.testing.processes import Mock, Proxy, wait_for
+from tests.system.harness import Nginx, events_arrived, raw_post, read_until
 
 
 @pytest.fixture(scope="module")

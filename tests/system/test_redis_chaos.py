@@ -14,18 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.system.conftest import StartProxy
-from tests.system.procs import (
-    Mock,
-    Proxy,
-    RedisServer,
+from llmproxy.testing.processes import Mock, Proxy, RedisServer, wait_for
+from tests.system.harness import (
+    StartProxy,
+    cache_config,
+    chat,
     events_arrived,
+    post,
     raw_post,
     read_until,
     response_ended,
-    wait_for,
+    stats,
 )
-from tests.system.test_cache import cache_config, chat, post, stats
 
 _unique = itertools.count()
 

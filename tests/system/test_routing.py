@@ -11,7 +11,8 @@ import urllib.request
 import openai
 import pytest
 
-from tests.system.procs import Mock, Proxy, RedisServer, free_port, wait_for
+from llmproxy.testing.processes import Mock, Proxy, RedisServer, free_port, wait_for
+from tests.system.harness import StartProxy
 
 Trio = dict[str, Mock]
 
@@ -60,7 +61,7 @@ def health(proxy: Proxy) -> dict[str, dict[str, object]]:
         return json.loads(e.read())["targets"]  # type: ignore[no-any-return]
 
 
-def test_even_spread(fresh_trio: Trio, start) -> None:  # type: ignore[no-untyped-def]
+def test_even_spread(fresh_trio: Trio, start: StartProxy) -> None:
     proxy = start(config(fresh_trio))
     for i in range(30):
         who, said = ask(proxy, f"q{i}")
@@ -68,13 +69,13 @@ def test_even_spread(fresh_trio: Trio, start) -> None:  # type: ignore[no-untype
     assert counts(fresh_trio) == {"a": 10, "b": 10, "c": 10}
 
 
-def test_weights_are_honoured(fresh_trio: Trio, start) -> None:  # type: ignore[no-untyped-def]
+def test_weights_are_honoured(fresh_trio: Trio, start: StartProxy) -> None:
     proxy = start(config(fresh_trio, weights={"a": 5, "b": 1, "c": 1}))
     order = "".join(ask(proxy, f"q{i}")[0] for i in range(14))
     assert order == "aabacaa" * 2
 
 
-def test_dead_port_and_500s_failed_over(fresh_trio: Trio, start) -> None:  # type: ignore[no-untyped-def]
+def test_dead_port_and_500s_failed_over(fresh_trio: Trio, start: StartProxy) -> None:
     fresh_trio["b"].configure(status=500)
     proxy = start(
         config(
@@ -94,7 +95,7 @@ def test_dead_port_and_500s_failed_over(fresh_trio: Trio, start) -> None:  # typ
     assert report["d/m"]["state"] == "cooling_down"
 
 
-def test_429_retry_after_cools_then_recovers(fresh_trio: Trio, start) -> None:  # type: ignore[no-untyped-def]
+def test_429_retry_after_cools_then_recovers(fresh_trio: Trio, start: StartProxy) -> None:
     fresh_trio["a"].configure(status=429, headers={"Retry-After": "2"})
     proxy = start(config(fresh_trio, strategy="priority", names="ab"))
     assert ask(proxy, "first")[0] == "b"
@@ -105,7 +106,7 @@ def test_429_retry_after_cools_then_recovers(fresh_trio: Trio, start) -> None:  
     assert ask(proxy, "back")[0] == "a"
 
 
-def test_stream_cut_is_not_retried(fresh_trio: Trio, start) -> None:  # type: ignore[no-untyped-def]
+def test_stream_cut_is_not_retried(fresh_trio: Trio, start: StartProxy) -> None:
     fresh_trio["a"].configure(cut_after=2)
     proxy = start(config(fresh_trio, strategy="priority", names="ab"))
     stream = openai.OpenAI(
@@ -119,7 +120,7 @@ def test_stream_cut_is_not_retried(fresh_trio: Trio, start) -> None:  # type: ig
     assert len(fresh_trio["b"].requests()) == 0
 
 
-def test_fallback_tier(fresh_trio: Trio, start) -> None:  # type: ignore[no-untyped-def]
+def test_fallback_tier(fresh_trio: Trio, start: StartProxy) -> None:
     proxy = start(config(fresh_trio, weights={"a": 1, "b": 1, "c": 0}))
     assert {ask(proxy, f"q{i}")[0] for i in range(6)} == {"a", "b"}
     fresh_trio["a"].configure(status=503)
@@ -127,7 +128,7 @@ def test_fallback_tier(fresh_trio: Trio, start) -> None:  # type: ignore[no-unty
     assert ask(proxy, "both down")[0] == "c"
 
 
-def test_affinity_across_ten_follow_ups(fresh_trio: Trio, start) -> None:  # type: ignore[no-untyped-def]
+def test_affinity_across_ten_follow_ups(fresh_trio: Trio, start: StartProxy) -> None:
     proxy = start(config(fresh_trio))
     client = openai.OpenAI(base_url=proxy.base_url, api_key="x", max_retries=0)
     raw = client.responses.with_raw_response.create(model="m", input="start")
@@ -145,9 +146,7 @@ def test_affinity_across_ten_follow_ups(fresh_trio: Trio, start) -> None:  # typ
 
 
 def test_two_proxies_share_cooldowns_through_redis(
-    fresh_trio: Trio,
-    start,
-    redis_server: RedisServer,  # type: ignore[no-untyped-def]
+    fresh_trio: Trio, start: StartProxy, redis_server: RedisServer
 ) -> None:
     fresh_trio["a"].configure(status=500)
     extra = (

@@ -1,0 +1,321 @@
+"""
+Real processes on free loopback ports, for system tests and benchmarks:
+``twistd -n llmproxy``, ``twistd -n llmproxy-mock`` and a private
+``redis-server``.  Each is waited for by polling with a deadline, writes its
+output to a log file, and is stopped with SIGTERM (then SIGKILL).  On Linux a
+child also gets SIGTERM if the process that started it dies without cleaning up.
+
+Nothing here imports the reactor: it runs from plain pytest tests and scripts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+#: Where this interpreter's console scripts (``twistd``) are.
+BIN = Path(sys.executable).parent
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(check: Callable[[], T], timeout: float = 15.0, what: str = "condition") -> T:
+    """Poll ``check`` until it returns something truthy, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except AssertionError:
+            raise
+        except Exception as e:  # noqa: BLE001 - polling: the thing may not be up yet
+            last = e
+        time.sleep(0.01)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last})")
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def require_binary(name: str, package: str) -> str:
+    """The path of ``name``, or an AssertionError that says how to install it."""
+    found = shutil.which(name) or (
+        f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None
+    )
+    if found is None:
+        raise AssertionError(
+            f"this needs the `{name}` binary, which is not installed: "
+            f"run `apt-get install -y {package}` (Debian/Ubuntu) and try again"
+        )
+    return found
+
+
+def twistd(*args: str) -> list[str]:
+    """A foreground ``twistd`` command line without a pid file."""
+    return [str(BIN / "twistd"), "--pidfile=", "-n", *args]
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the parent dies (Linux's PR_SET_PDEATHSIG)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+class Process:
+    """A child process with its log file; stopped with SIGTERM, then SIGKILL."""
+
+    def __init__(
+        self, args: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> None:
+        self.args = args
+        self.log_path = log
+        self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env or os.environ.copy(),
+            cwd=cwd,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait_listening(self, port: int, what: str, timeout: float = 15.0) -> None:
+        """Wait until ``port`` accepts connections; fail at once if the process exits."""
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{what} exited early:\n{self.log()}")
+            return port_open(port)
+
+        wait_for(ready, timeout, what=f"{what} on port {port}")
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+class Mock:
+    """A ``twistd -n llmproxy-mock`` process and its HTTP control surface."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        name: str,
+        api_key: str | None = None,
+        port: int | None = None,
+        timeout: float = 15.0,
+    ) -> None:
+        self.name = name
+        self.port = port or free_port()
+        args = twistd(
+            "llmproxy-mock", "--listen", f"tcp:{self.port}:interface=127.0.0.1", "--name", name
+        )
+        if api_key:
+            args += ["--api-key", api_key]
+        self.process = Process(args, workdir / f"mock-{name}.log", cwd=workdir)
+        self.process.wait_listening(self.port, f"mock {name}", timeout)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}", data=data, method=method
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.loads(response.read() or b"null")
+
+    def reset(self) -> None:
+        self.call("POST", "/_mock/reset", {})
+
+    def configure(self, **knobs: Any) -> None:
+        self.call("POST", "/_mock/config", knobs)
+
+    def release(self) -> None:
+        """Let the requests held by the ``gate`` knob go."""
+        self.call("POST", "/_mock/release", {})
+
+    def stats(self) -> dict[str, int]:
+        return self.call("GET", "/_mock/stats")  # type: ignore[no-any-return]
+
+    def requests(self) -> list[dict[str, Any]]:
+        return self.call("GET", "/_mock/requests")  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+class Proxy:
+    """A ``twistd -n llmproxy`` process on a free port with a given config."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        config: str,
+        name: str = "proxy",
+        env: dict[str, str] | None = None,
+        timeout: float = 15.0,
+    ) -> None:
+        self.port = free_port()
+        self.config_path = workdir / f"{name}.yaml"
+        self.config_path.write_text(config)
+        args = twistd(
+            "llmproxy",
+            "--config",
+            str(self.config_path),
+            "--listen",
+            f"tcp:{self.port}:interface=127.0.0.1",
+        )
+        self.process = Process(args, workdir / f"{name}.log", env=env, cwd=workdir)
+        self.process.wait_listening(self.port, "llmproxy", timeout)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def rss_kib(self) -> int:
+        return proc_status(self.process.pid)["VmRSS"]
+
+    def stop(self) -> int | None:
+        return self.process.stop()
+
+
+def upstream_block(mocks: list[Mock], api_key: str | None = None, extra: str = "") -> str:
+    """The ``upstreams:`` section of a config naming each mock after itself."""
+    lines = ["upstreams:"]
+    for mock in mocks:
+        lines.append(f"  {mock.name}:\n    base_url: {mock.base_url}")
+        if api_key:
+            lines.append(f"    api_key: {api_key}")
+        if extra:
+            lines.append(extra)
+    return "\n".join(lines) + "\n"
+
+
+class RedisServer:
+    """A private ``redis-server`` on a free port, never the machine's own."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.binary = require_binary("redis-server", "redis-server")
+        self.cli = require_binary("redis-cli", "redis-tools")
+        self.workdir = workdir
+        self.port = free_port()
+        self.process: Process | None = None
+        self.start()
+
+    def start(self) -> None:
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
+        self.process = Process(args, self.workdir / f"redis-{self.port}.log")
+        wait_for(self.ping, what=f"redis-server on port {self.port}")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def ping(self) -> bool:
+        return self.cli_call("PING") == "PONG"
+
+    def cli_call(self, *args: str) -> str:
+        done = subprocess.run(
+            [self.cli, "-p", str(self.port), "--raw", *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return done.stdout.strip()
+
+    def pause(self) -> None:
+        assert self.process is not None
+        self.process.signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.resume()
+            self.process.stop()
+            self.process = None
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of a process, in KiB (empty when /proc is not there)."""
+    found: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    found[key] = int(value.split()[0])
+    except OSError:
+        pass
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (0 when /proc is not there)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    # After "pid (comm)": fields[11] is utime and fields[12] is stime, in clock ticks.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
