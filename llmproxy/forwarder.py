@@ -69,9 +69,18 @@ RESPONSE_HEADERS = ("content-type", "retry-after", "retry-after-ms", "openai-pro
 
 
 class UpstreamClient(Protocol):
-    """What the forwarder needs of treq's ``HTTPClient`` (``StubTreq`` fits too)."""
+    """What the forwarder needs of treq's ``HTTPClient``."""
 
-    def request(self, method: str, url: str, **kwargs: Any) -> Deferred[Any]: ...
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Headers,
+        data: bytes | None = None,
+        unbuffered: bool = False,
+        allow_redirects: bool = True,
+    ) -> Deferred[Any]: ...
 
 
 class NoCookies(IndexableCookieJar):
@@ -331,11 +340,19 @@ class Exchange:
     def relay(self, on_data: Callable[[bytes], None]) -> Deferred[None]:
         """Deliver the body chunk by chunk; fires when it ends cleanly."""
         timeouts = self.upstream.timeouts
-        self.body_stream = _BodyStream(
+        stream = self.body_stream = _BodyStream(
             self.forwarder.reactor, on_data, timeouts.idle, self._remaining()
         )
-        self.response.deliverBody(self.body_stream)
-        return self.body_stream.done.addBoth(self._released)
+        # Hooked before delivery starts: whatever happens next, the end of
+        # the body gives the connection slot back.
+        stream.done.addBoth(self._released)
+        try:
+            self.response.deliverBody(stream)
+        except BaseException:
+            # The caller gets this error, never ``done``: nobody will wait for it.
+            stream.done.addErrback(lambda _: None)
+            raise
+        return stream.done
 
     async def read(self) -> bytes:
         """The whole body (for non-streamed answers), under the same timeouts."""
@@ -441,7 +458,9 @@ class Forwarder:
             request = client.request(
                 method,
                 url,
-                headers=self.build_headers(upstream, client_headers, request_id, body is not None),
+                headers=Headers(
+                    self.build_headers(upstream, client_headers, request_id, body is not None)
+                ),
                 data=body,
                 unbuffered=True,
                 allow_redirects=False,
@@ -514,7 +533,7 @@ class Forwarder:
         request = self.clients[name].request(
             "GET",
             upstream.base_url + path,
-            headers=self.build_headers(upstream, {}, "health-check", False),
+            headers=Headers(self.build_headers(upstream, {}, "health-check", False)),
             unbuffered=True,
             allow_redirects=False,
         )

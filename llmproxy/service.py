@@ -72,7 +72,7 @@ class UpstreamsService(Service):
             endpoints = UpstreamEndpoints(reactor, upstream.timeouts.connect)
             agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
             self.pools[name] = pool
-            self.clients[name] = upstream_client(agent)  # type: ignore[assignment]
+            self.clients[name] = upstream_client(agent)
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
@@ -246,11 +246,12 @@ def build_gateway(
     return Gateway(config, pipeline, router, auth, cache, metrics)
 
 
-def build_site(config: Config, gateway: Gateway) -> GatewaySite:
+def build_site(config: Config, gateway: Gateway, reactor: IReactorTime) -> GatewaySite:
     site = GatewaySite(
         gateway.app.resource(),
         max_body_bytes=config.server.max_body_bytes,
         trusted_proxies=config.server.trusted_proxies,
+        reactor=reactor,
     )
     site.rejected = lambda status: gateway.metrics.request("rejected", status)
     return site
@@ -277,7 +278,7 @@ def build_service(config: Config, reactor: Any, listen: tuple[str, ...]) -> Mult
         health.setName("health")
         health.setServiceParent(top)
     http = HTTPService(
-        reactor, listen, build_site(config, gateway), gateway, config.server.drain_seconds
+        reactor, listen, build_site(config, gateway, reactor), gateway, config.server.drain_seconds
     )
     http.setName("http")
     http.setServiceParent(top)
