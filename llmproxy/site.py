@@ -36,7 +36,7 @@ class GatewayRequest(Request):
 
     @property
     def _site(self) -> GatewaySite:
-        return self.channel.site  # type: ignore[attr-defined,no-any-return]
+        return self.channel.site  # type: ignore[attr-defined]
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > self._limit:

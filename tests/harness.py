@@ -1,20 +1,44 @@
 """
-In-memory harness: the real Klein gateway and real mock upstreams, wired with
-``StubTreq`` both ways and driven by one ``Clock``.  No sockets, no sleeps.
+The in-memory harness: the real gateway, served by its real ``GatewaySite``,
+in front of real mock upstreams, all wired through in-memory transports and
+driven by one ``Clock``.  No sockets, no sleeps.
+
+Also what several unit test files share: config builders, request bodies, a
+client that hangs up, and :func:`run` for code that completes synchronously.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import random
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
-from treq.testing import StubTreq
+import treq
+from treq.client import HTTPClient
+from treq.testing import RequestTraversalAgent
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.interfaces import IProtocol, IStreamClientEndpoint
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.test import iosim
+from twisted.web.client import URI, Agent
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
+from twisted.web.server import Site
+from zope.interface import implementer
 
 from llmproxy.config import Config, parse_yaml
-from llmproxy.forwarder import upstream_client
-from llmproxy.service import build_gateway
+from llmproxy.forwarder import UpstreamClient, upstream_client
+from llmproxy.redisclient import SharedRedis
+from llmproxy.router import Router
+from llmproxy.service import build_gateway, build_site
 from llmproxy.testing.mock import MockUpstream
+
+T = TypeVar("T")
 
 BASE = """
 upstreams:
@@ -36,6 +60,7 @@ def config_text(
     models: str | None = None,
     timeouts: str = "",
 ) -> str:
+    """Upstreams ``a``... at ``http://{name}.test/v1`` with the given keys, models m1 and m2."""
     upstreams = upstreams or {"a": "sk-upstream-a-secret"}
     lines = []
     for name, key in upstreams.items():
@@ -48,47 +73,148 @@ def config_text(
     return text + extra
 
 
+def three(
+    strategy: str = "round_robin", weights: tuple[int, int, int] = (1, 1, 1), extra: str = ""
+) -> str:
+    """Upstreams a, b and c behind one model ``m1`` (targets ``{n}/up-{n}``)."""
+    ups = "".join(f"  {n}:\n    base_url: http://{n}.test/v1\n    api_key: k{n}\n" for n in "abc")
+    targets = "".join(
+        f"      - upstream: {n}\n        model: up-{n}\n        weight: {w}\n"
+        for n, w in zip("abc", weights, strict=True)
+    )
+    return (
+        f"upstreams:\n{ups}models:\n  m1:\n    strategy: {strategy}\n    targets:\n{targets}"
+        + extra
+    )
+
+
+def run(work: Deferred[T] | Coroutine[Any, Any, T]) -> T:
+    """The result of a Deferred or coroutine that completes synchronously (else fail)."""
+    d = work if isinstance(work, Deferred) else Deferred.fromCoroutine(work)
+    results: list[T | Failure] = []
+    d.addBoth(results.append)
+    assert results, "did not complete synchronously"
+    outcome = results[0]
+    if isinstance(outcome, Failure):
+        outcome.raiseException()
+    return outcome
+
+
+def router(text: str, clock: Clock | None = None, seed: int = 1) -> Router:
+    """A Router over a config text, on ``clock``, with a seeded random source."""
+    return Router(parse_yaml(text, "t", {}), clock or Clock(), rng=random.Random(seed))
+
+
+@implementer(IAgentEndpointFactory)
+class _Loopback:
+    def __init__(self, reactor: MemoryReactorClock) -> None:
+        self.reactor = reactor
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        return TCP4ClientEndpoint(self.reactor, "127.0.0.1", uri.port)
+
+
+@implementer(IAgent)
+class SiteAgent:
+    """
+    An agent whose every request is served, in memory, by ``site``: treq's
+    ``RequestTraversalAgent``, but for a whole Site rather than a resource, so
+    that the gateway's own Site and Request classes handle what they handle
+    (request ids, body limits, in-flight counts).  Call :meth:`flush` to move
+    the bytes.
+    """
+
+    def __init__(self, site: Site) -> None:
+        self._reactor = MemoryReactorClock()
+        self._agent = Agent.usingEndpointFactory(self._reactor, _Loopback(self._reactor))
+        self._site = site
+        self._pumps: list[iosim.IOPump] = []
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: IBodyProducer | None = None,
+    ) -> Deferred[IResponse]:
+        d = self._agent.request(method, uri, headers, bodyProducer)
+        if not self._reactor.tcpClients:
+            return d  # failed before connecting
+        _, port, factory, _, _ = self._reactor.tcpClients.pop()
+        client = IPv4Address("TCP", "127.0.0.1", 31337)
+        server = IPv4Address("TCP", "127.0.0.1", port)
+        server_protocol: IProtocol = self._site.buildProtocol(client)
+        client_protocol = factory.buildProtocol(server)
+        pump = iosim.connect(
+            server_protocol,
+            iosim.FakeTransport(
+                server_protocol, isServer=True, hostAddress=server, peerAddress=client
+            ),
+            client_protocol,
+            iosim.FakeTransport(
+                client_protocol, isServer=False, hostAddress=client, peerAddress=server
+            ),
+        )
+        self._pumps.append(pump)
+        return d
+
+    def flush(self) -> None:
+        for pump in list(self._pumps):
+            pump.flush()
+            if pump.clientIO.disconnected and pump.serverIO.disconnected:
+                self._pumps.remove(pump)
+
+
 class Answer:
-    def __init__(self, response: Any, body: bytes) -> None:
+    """A whole response: status, headers, body."""
+
+    def __init__(self, response: IResponse, body: bytes) -> None:
         self.response = response
         self.code: int = response.code
         self.body = body
 
     def header(self, name: str) -> str | None:
         values = self.response.headers.getRawHeaders(name)
-        return (
-            values[0].decode()
-            if values and isinstance(values[0], bytes)
-            else (values[0] if values else None)
-        )
+        return values[0] if values else None
 
     def json(self) -> Any:
         return json.loads(self.body)
 
 
 class Harness:
+    """The gateway of a config text, with a mock upstream per name in ``mocks``."""
+
     def __init__(
         self,
         text: str | None = None,
         mocks: tuple[str, ...] = ("a",),
         environ: dict[str, str] | None = None,
-        clients: dict[str, Any] | None = None,
+        clients: dict[str, UpstreamClient] | None = None,
+        redis: SharedRedis | None = None,
     ) -> None:
         self.clock = Clock()
         self.config: Config = parse_yaml(text or config_text(), "test", environ or {})
         self.mocks = {name: MockUpstream(self.clock, name=name) for name in mocks}
-        self.upstreams = {name: StubTreq(m.app.resource()) for name, m in self.mocks.items()}
-        # The proxy's real client (no cookie jar) over each stub's in-memory agent.
-        wired = {name: upstream_client(stub._agent) for name, stub in self.upstreams.items()}
-        self.gateway = build_gateway(self.config, self.clock, {**wired, **(clients or {})})
-        self.client = StubTreq(self.gateway.app.resource())
+        self.upstreams = {
+            name: RequestTraversalAgent(m.app.resource()) for name, m in self.mocks.items()
+        }
+        # The proxy's real client (no cookie jar) over each mock's in-memory agent.
+        wired: dict[str, UpstreamClient] = {
+            name: upstream_client(agent) for name, agent in self.upstreams.items()
+        }
+        clients = {**wired, **(clients or {})}
+        self.gateway = build_gateway(self.config, self.clock, clients, redis)
+        self.site = build_site(self.config, self.gateway, self.clock)
+        self.agent = SiteAgent(self.site)
+        self.client: HTTPClient = upstream_client(self.agent)
 
     def pump(self, rounds: int = 50) -> None:
+        """Deliver everything that can be delivered without time passing."""
         for _ in range(rounds):
             self.clock.advance(0)
-            for stub in self.upstreams.values():
-                stub.flush()
-            self.client.flush()
+            for agent in self.upstreams.values():
+                agent.flush()
+            self.agent.flush()
 
     def tick(self, step: float, times: int = 1) -> None:
         """Let ``times`` steps of ``step`` seconds pass, delivering what they bring."""
@@ -103,11 +229,13 @@ class Harness:
         body: Any = None,
         headers: dict[str, str] | None = None,
         raw: bytes | None = None,
-    ) -> Any:
+    ) -> Deferred[IResponse]:
+        """Send a request; the Deferred fires with the response once its headers are in."""
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        sent = Headers({name: [value] for name, value in (headers or {}).items()})
         d = self.client.request(
-            method, "http://proxy.test" + path, data=data, headers=headers or {}, unbuffered=True
-        )
+            method, "http://proxy.test" + path, data=data, headers=sent, unbuffered=True
+        ).addCallback(_response)
         self.pump()
         return d
 
@@ -119,25 +247,34 @@ class Harness:
         headers: dict[str, str] | None = None,
         raw: bytes | None = None,
     ) -> Answer:
-        d = self.start(method, path, body, headers, raw)
-        response = self.result(d)
+        """A whole exchange, which must complete without time passing."""
+        return self.finish(self.start(method, path, body, headers, raw))
+
+    def finish(self, pending: Deferred[IResponse]) -> Answer:
+        """Read the whole answer of a request started earlier."""
+        response = self.result(pending)
         collected: list[bytes] = []
-        done = response.collect(collected.append)
-        self.pump()
-        self.result(done)
+        self.result(treq.collect(response, collected.append))
         return Answer(response, b"".join(collected))
 
-    def result(self, d: Any) -> Any:
-        results: list[Any] = []
-        d.addBoth(results.append)
+    def result(self, d: Deferred[T]) -> T:
+        """``d``'s result once pending bytes are delivered (fails if it is still waiting)."""
         self.pump()
-        assert results, "no result: the exchange is still waiting"
-        if hasattr(results[0], "raiseException"):
-            results[0].raiseException()
-        return results[0]
+        return run(d)
 
     def seen(self, name: str = "a") -> list[dict[str, Any]]:
+        """The requests upstream ``name`` received."""
         return self.mocks[name].received
+
+    def target(self, target_id: str) -> dict[str, Any]:
+        """What /health says of one target."""
+        found: dict[str, Any] = self.request("GET", "/health").json()["targets"][target_id]
+        return found
+
+
+def _response(response: IResponse) -> IResponse:
+    """treq's response, seen as the IResponse it is."""
+    return response
 
 
 def chat(content: str = "hello", **extra: Any) -> dict[str, Any]:
@@ -163,5 +300,5 @@ class _HangUp:
 
 
 def hang_up(response: Any) -> None:
-    """The client of ``response`` (a StubTreq response) disconnects."""
+    """The client of ``response`` (a treq response) disconnects."""
     response.original.deliverBody(_HangUp())

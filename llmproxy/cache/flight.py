@@ -13,7 +13,7 @@ when nobody is listening any more.
 Backpressure: the upstream is paused only while every follower's connection
 is backed up, so the fastest client sets the pace.  A follower that stays
 backed up while the others read falls behind; once more than
-``MAX_BACKLOG`` bytes have been written for it meanwhile it is dropped, so one
+``max_backlog`` bytes have been written for it meanwhile it is dropped, so one
 stuck client can neither stall the others nor make the proxy buffer for it.
 """
 
@@ -52,12 +52,15 @@ class _Follower:
         self.flight.leave(self)
 
 
-class Flight:
-    MAX_BACKLOG = 4 * 1024 * 1024
+#: Bytes a backed-up follower may fall behind the others before it is dropped.
+MAX_BACKLOG = 4 * 1024 * 1024
 
-    def __init__(self, key: str, max_record: int) -> None:
+
+class Flight:
+    def __init__(self, key: str, max_record: int, max_backlog: int = MAX_BACKLOG) -> None:
         self.key = key
         self.max_record = max_record
+        self.max_backlog = max_backlog
         self.status: int | None = None
         self.headers: dict[str, str] = {}
         self.sent: list[bytes] = []
@@ -174,7 +177,7 @@ class Flight:
         for follower in list(self.followers):
             if follower in self.paused_by:
                 follower.backlog += len(data)
-                if follower.backlog > self.MAX_BACKLOG:
+                if follower.backlog > self.max_backlog:
                     # Stuck while the others read on: let it go.
                     self.leave(follower)
                     follower.sink.abort()

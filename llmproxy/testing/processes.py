@@ -188,10 +188,12 @@ class Mock:
         self.call("POST", "/_mock/release", {})
 
     def stats(self) -> dict[str, int]:
-        return self.call("GET", "/_mock/stats")  # type: ignore[no-any-return]
+        found: dict[str, int] = self.call("GET", "/_mock/stats")
+        return found
 
     def requests(self) -> list[dict[str, Any]]:
-        return self.call("GET", "/_mock/requests")  # type: ignore[no-any-return]
+        found: list[dict[str, Any]] = self.call("GET", "/_mock/requests")
+        return found
 
     def stop(self) -> None:
         self.process.stop()

@@ -6,10 +6,9 @@ import tempfile
 from contextlib import chdir
 from pathlib import Path
 
-import pytest
+from twisted.trial.unittest import SynchronousTestCase
 
 from llmproxy.config import ConfigError, find_config, load_config, parse_yaml
-from tests.trial import trial_case
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,127 +30,122 @@ models:
 
 
 def error_of(text: str, environ: dict[str, str] | None = None) -> str:
-    with pytest.raises(ConfigError) as info:
+    """The message of the ConfigError that ``text`` raises."""
+    try:
         parse_yaml(text, "test.yaml", environ if environ is not None else {"OPENAI_API_KEY": "k"})
-    return str(info.value)
+    except ConfigError as e:
+        return str(e)
+    raise AssertionError("the config was accepted")
 
 
-def test_minimal_config_loads_with_defaults() -> None:
-    config = parse_yaml(MINIMAL, "test.yaml", {"OPENAI_API_KEY": "sk-1"})
-    assert config.upstreams["openai"].api_key == "sk-1"
-    assert config.upstreams["openai"].base_url == "https://api.openai.com/v1"
-    assert config.upstreams["local"].api_key is None
-    assert config.upstreams["local"].timeouts.first_byte == 120
-    targets = config.models["gpt-4o"].targets
-    assert [(t.upstream, t.model, t.weight) for t in targets] == [
-        ("openai", "gpt-4o", 1),
-        ("local", "Qwen/Qwen2.5-7B-Instruct", 0),
-    ]
-    assert config.listen == ("tcp:8080:interface=127.0.0.1",)
-    assert config.routing.retry_on == frozenset({"connect", "timeout", 429, 500, 502, 503, 504})
-    assert config.cache.backend == "memory" and config.cache.scope == "key"
-    assert config.redis is None and config.auth.keys == ()
+class SchemaTests(SynchronousTestCase):
+    def test_minimal_config_loads_with_defaults(self) -> None:
+        config = parse_yaml(MINIMAL, "test.yaml", {"OPENAI_API_KEY": "sk-1"})
+        assert config.upstreams["openai"].api_key == "sk-1"
+        assert config.upstreams["openai"].base_url == "https://api.openai.com/v1"
+        assert config.upstreams["local"].api_key is None
+        assert config.upstreams["local"].timeouts.first_byte == 120
+        targets = config.models["gpt-4o"].targets
+        assert [(t.upstream, t.model, t.weight) for t in targets] == [
+            ("openai", "gpt-4o", 1),
+            ("local", "Qwen/Qwen2.5-7B-Instruct", 0),
+        ]
+        assert config.listen == ("tcp:8080:interface=127.0.0.1",)
+        assert config.routing.retry_on == frozenset({"connect", "timeout", 429, 500, 502, 503, 504})
+        assert config.cache.backend == "memory" and config.cache.scope == "key"
+        assert config.redis is None and config.auth.keys == ()
+
+    def test_config_objects_are_frozen(self) -> None:
+        config = parse_yaml(MINIMAL, "t", {"OPENAI_API_KEY": "k"})
+        with self.assertRaises(AttributeError):
+            config.cache.ttl = 5  # type: ignore[misc]
+
+    def test_bare_off_means_off(self) -> None:
+        assert parse_yaml("cache: {backend: off}\n", "t", {}).cache.backend == "off"
+
+    def test_unknown_keys_are_errors_with_a_hint(self) -> None:
+        assert error_of("cache: {backnd: memory}\n") == (
+            "cache.backnd: unknown key (did you mean 'backend'?)"
+        )
+        assert error_of("routng: {}\n") == "routng: unknown key (did you mean 'routing'?)"
+        bad_target = MINIMAL.replace("weight: 0", "weight: 0\n        wieght: 1")
+        assert error_of(bad_target) == (
+            "models.gpt-4o.targets[1].wieght: unknown key (did you mean 'weight'?)"
+        )
+
+    def test_errors_name_their_path(self) -> None:
+        assert error_of(MINIMAL.replace("upstream: local", "upstream: azure")) == (
+            "models.gpt-4o.targets[1].upstream: no upstream named 'azure'"
+        )
+        assert (
+            error_of(MINIMAL + "routing: {retries: -1}\n")
+            == "routing.retries: must be >= 0, got -1"
+        )
+        assert error_of(MINIMAL + "routing: {retry_on: [connect, 200]}\n") == (
+            "routing.retry_on[1]: expected connect, timeout or an HTTP status 400-599, got '200'"
+        )
+        assert "models.gpt-4o.strategy: must be one of" in error_of(
+            MINIMAL.replace("  gpt-4o:\n", "  gpt-4o:\n    strategy: fastest\n")
+        )
+        assert error_of(MINIMAL.replace("https://api.openai.com/v1/", "ftp://x")) == (
+            "upstreams.openai.base_url: expected an http(s) URL, got 'ftp://x'"
+        )
+        assert error_of(MINIMAL + "cache: {backend: redis}\n") == (
+            "cache.backend: redis needs a top-level redis section"
+        )
+        timeouts = MINIMAL.replace(
+            "base_url: http://127.0.0.1:8001/v1", "base_url: http://x/v1\n    timeouts: {idle: 0}"
+        )
+        assert error_of(timeouts) == "upstreams.local.timeouts.idle: must be > 0, got 0"
+
+    def test_auth_keys_are_validated(self) -> None:
+        keys = MINIMAL + "auth:\n  keys:\n    - name: a\n      key: k1\n      models: [gpt-5]\n"
+        assert error_of(keys) == "auth.keys[0].models[0]: no model named 'gpt-5'"
+        both = MINIMAL + "auth:\n  keys:\n    - {name: a}\n"
+        assert error_of(both) == "auth.keys[0]: exactly one of key or key_sha256 is required"
+        dup = MINIMAL + "auth:\n  keys:\n    - {name: a, key: x}\n    - {name: a, key: y}\n"
+        assert error_of(dup) == "auth.keys[1].name: duplicate key name 'a'"
+
+    def test_invalid_yaml_names_the_file_and_line(self) -> None:
+        message = error_of("listen: [unclosed\n")
+        assert message.startswith("test.yaml: ") and "line" in message
 
 
-def test_config_objects_are_frozen() -> None:
-    config = parse_yaml(MINIMAL, "t", {"OPENAI_API_KEY": "k"})
-    with pytest.raises(AttributeError):
-        config.cache.ttl = 5  # type: ignore[misc]
+class EnvironmentTests(SynchronousTestCase):
+    def test_env_default_and_missing_variable(self) -> None:
+        text = "listen: ${PORT_SPEC:-tcp:9999}\n"
+        assert parse_yaml(text, "t", {}).listen == ("tcp:9999",)
+        assert parse_yaml(text, "t", {"PORT_SPEC": "tcp:1"}).listen == ("tcp:1",)
+        message = error_of(MINIMAL, environ={})
+        assert message == "upstreams.openai.api_key: environment variable OPENAI_API_KEY is not set"
+
+    def test_dollar_dollar_is_a_literal_dollar(self) -> None:
+        config = parse_yaml("cache: {namespace: 'a$$b'}\n", "t", {})
+        assert config.cache.namespace == "a$b"
 
 
-def test_env_default_and_missing_variable() -> None:
-    text = "listen: ${PORT_SPEC:-tcp:9999}\n"
-    assert parse_yaml(text, "t", {}).listen == ("tcp:9999",)
-    assert parse_yaml(text, "t", {"PORT_SPEC": "tcp:1"}).listen == ("tcp:1",)
-    message = error_of(MINIMAL, environ={})
-    assert message == "upstreams.openai.api_key: environment variable OPENAI_API_KEY is not set"
+class LookupTests(SynchronousTestCase):
+    def test_shipped_config_runs_with_no_environment(self) -> None:
+        config = load_config(str(ROOT / "etc" / "llmproxy.yaml"), environ={})
+        assert config.upstreams["default"].base_url == "http://127.0.0.1:8001/v1"
+        assert config.upstreams["default"].api_key is None
+        assert "gpt-4o-mini" in config.models
 
+    def test_packaged_default_is_the_shipped_config(self) -> None:
+        shipped = (ROOT / "etc" / "llmproxy.yaml").read_text()
+        assert (ROOT / "llmproxy" / "default.yaml").read_text() == shipped
 
-def test_bare_off_means_off() -> None:
-    assert parse_yaml("cache: {backend: off}\n", "t", {}).cache.backend == "off"
-
-
-def test_dollar_dollar_is_a_literal_dollar() -> None:
-    config = parse_yaml("cache: {namespace: 'a$$b'}\n", "t", {})
-    assert config.cache.namespace == "a$b"
-
-
-def test_unknown_keys_are_errors_with_a_hint() -> None:
-    assert error_of("cache: {backnd: memory}\n") == (
-        "cache.backnd: unknown key (did you mean 'backend'?)"
-    )
-    assert error_of("routng: {}\n") == "routng: unknown key (did you mean 'routing'?)"
-    bad_target = MINIMAL.replace("weight: 0", "weight: 0\n        wieght: 1")
-    assert error_of(bad_target) == (
-        "models.gpt-4o.targets[1].wieght: unknown key (did you mean 'weight'?)"
-    )
-
-
-def test_errors_name_their_path() -> None:
-    assert error_of(MINIMAL.replace("upstream: local", "upstream: azure")) == (
-        "models.gpt-4o.targets[1].upstream: no upstream named 'azure'"
-    )
-    assert error_of(MINIMAL + "routing: {retries: -1}\n") == "routing.retries: must be >= 0, got -1"
-    assert error_of(MINIMAL + "routing: {retry_on: [connect, 200]}\n") == (
-        "routing.retry_on[1]: expected connect, timeout or an HTTP status 400-599, got '200'"
-    )
-    assert "models.gpt-4o.strategy: must be one of" in error_of(
-        MINIMAL.replace("  gpt-4o:\n", "  gpt-4o:\n    strategy: fastest\n")
-    )
-    assert error_of(MINIMAL.replace("https://api.openai.com/v1/", "ftp://x")) == (
-        "upstreams.openai.base_url: expected an http(s) URL, got 'ftp://x'"
-    )
-    assert error_of(MINIMAL + "cache: {backend: redis}\n") == (
-        "cache.backend: redis needs a top-level redis section"
-    )
-    timeouts = MINIMAL.replace(
-        "base_url: http://127.0.0.1:8001/v1", "base_url: http://x/v1\n    timeouts: {idle: 0}"
-    )
-    assert error_of(timeouts) == "upstreams.local.timeouts.idle: must be > 0, got 0"
-
-
-def test_auth_keys_are_validated() -> None:
-    keys = MINIMAL + "auth:\n  keys:\n    - name: a\n      key: k1\n      models: [gpt-5]\n"
-    assert error_of(keys) == "auth.keys[0].models[0]: no model named 'gpt-5'"
-    both = MINIMAL + "auth:\n  keys:\n    - {name: a}\n"
-    assert error_of(both) == "auth.keys[0]: exactly one of key or key_sha256 is required"
-    dup = MINIMAL + "auth:\n  keys:\n    - {name: a, key: x}\n    - {name: a, key: y}\n"
-    assert error_of(dup) == "auth.keys[1].name: duplicate key name 'a'"
-
-
-def test_invalid_yaml_names_the_file_and_line() -> None:
-    message = error_of("listen: [unclosed\n")
-    assert message.startswith("test.yaml: ") and "line" in message
-
-
-def test_shipped_config_runs_with_no_environment() -> None:
-    config = load_config(str(ROOT / "etc" / "llmproxy.yaml"), environ={})
-    assert config.upstreams["default"].base_url == "http://127.0.0.1:8001/v1"
-    assert config.upstreams["default"].api_key is None
-    assert "gpt-4o-mini" in config.models
-
-
-def test_packaged_default_is_the_shipped_config() -> None:
-    shipped = (ROOT / "etc" / "llmproxy.yaml").read_text()
-    assert (ROOT / "llmproxy" / "default.yaml").read_text() == shipped
-
-
-def test_lookup_order() -> None:
-    with tempfile.TemporaryDirectory() as tmp, chdir(tmp):
-        check_lookup_order(Path(tmp))
-
-
-def check_lookup_order(tmp_path: Path) -> None:
-    assert find_config(None, {}) is None  # nothing here: the packaged default
-    assert load_config(None, environ={}).source == "<built-in default>"
-    (tmp_path / "etc").mkdir()
-    (tmp_path / "etc" / "llmproxy.yaml").write_text("listen: tcp:1\n")
-    assert find_config(None, {}) == "etc/llmproxy.yaml"
-    assert find_config(None, {"LLMPROXY_CONFIG": "/x.yaml"}) == "/x.yaml"
-    assert find_config("/given.yaml", {"LLMPROXY_CONFIG": "/x.yaml"}) == "/given.yaml"
-    with pytest.raises(ConfigError) as info:
-        load_config("/nonexistent.yaml", {})
-    assert str(info.value) == "cannot read config /nonexistent.yaml: No such file or directory"
-
-
-TrialTests = trial_case(globals())
+    def test_lookup_order(self) -> None:
+        with tempfile.TemporaryDirectory() as tmp, chdir(tmp):
+            assert find_config(None, {}) is None  # nothing here: the packaged default
+            assert load_config(None, environ={}).source == "<built-in default>"
+            (Path(tmp) / "etc").mkdir()
+            (Path(tmp) / "etc" / "llmproxy.yaml").write_text("listen: tcp:1\n")
+            assert find_config(None, {}) == "etc/llmproxy.yaml"
+            assert find_config(None, {"LLMPROXY_CONFIG": "/x.yaml"}) == "/x.yaml"
+            assert find_config("/given.yaml", {"LLMPROXY_CONFIG": "/x.yaml"}) == "/given.yaml"
+            with self.assertRaises(ConfigError) as info:
+                load_config("/nonexistent.yaml", {})
+            assert str(info.exception) == (
+                "cannot read config /nonexistent.yaml: No such file or directory"
+            )

@@ -5,176 +5,195 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import treq
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from llmproxy.forwarder import UpstreamFailure, _BodyStream
+from llmproxy.health import counts_against
 from tests.harness import Harness, chat, config_text, events, hang_up
-from tests.trial import trial_case
 
 
-def collect_stream(h: Harness, body: dict[str, Any]) -> tuple[Any, list[bytes]]:
+def collect_stream(h: Harness, body: dict[str, Any]) -> tuple[Any, list[bytes], Deferred[None]]:
+    """Start a stream: its response, the chunks received so far, and its end."""
     d = h.start("POST", "/v1/chat/completions", body)
     response = h.result(d)
     chunks: list[bytes] = []
-    done = response.collect(chunks.append)
-    return response, chunks, done  # type: ignore[return-value]
+    done = treq.collect(response, chunks.append)
+    return response, chunks, done
 
 
-def test_stream_headers_and_events_in_order() -> None:
-    h = Harness()
-    answer = h.request(
-        "POST",
-        "/v1/chat/completions",
-        chat("one two", stream=True, stream_options={"include_usage": True}),
-    )
-    assert answer.code == 200
-    assert answer.header("content-type") == "text/event-stream; charset=utf-8"
-    assert answer.header("cache-control") == "no-cache"
-    assert answer.header("x-accel-buffering") == "no"
-    found = events(answer.body)
-    assert found[-1] == "data: [DONE]"
-    chunks = [json.loads(e[len("data: ") :]) for e in found[:-1]]
-    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
-    assert text == "Hello from a! You said: one two"
-    usage = chunks[-1]
-    assert usage["choices"] == [] and usage["usage"]["total_tokens"] > 0
+class StreamRelayTests(SynchronousTestCase):
+    def test_stream_headers_and_events_in_order(self) -> None:
+        h = Harness()
+        answer = h.request(
+            "POST",
+            "/v1/chat/completions",
+            chat("one two", stream=True, stream_options={"include_usage": True}),
+        )
+        assert answer.code == 200
+        assert answer.header("content-type") == "text/event-stream; charset=utf-8"
+        assert answer.header("cache-control") == "no-cache"
+        assert answer.header("x-accel-buffering") == "no"
+        found = events(answer.body)
+        assert found[-1] == "data: [DONE]"
+        chunks = [json.loads(e[len("data: ") :]) for e in found[:-1]]
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+        assert text == "Hello from a! You said: one two"
+        usage = chunks[-1]
+        assert usage["choices"] == [] and usage["usage"]["total_tokens"] > 0
+
+    def test_usage_chunk_passes_through_byte_for_byte(self) -> None:
+        h = Harness()
+        answer = h.request(
+            "POST",
+            "/v1/chat/completions",
+            chat("x", stream=True, stream_options={"include_usage": True}),
+        )
+        usage_events = [e for e in events(answer.body) if '"choices":[]' in e]
+        assert len(usage_events) == 1
+        # Exactly the mock's compact framing: nothing was re-serialised.
+        assert usage_events[0].startswith('data: {"id":"chatcmpl_')
+
+    def test_events_reach_the_client_before_the_stream_ends(self) -> None:
+        h = Harness()
+        response, chunks, done = collect_stream(
+            h, chat("a b c", stream=True, mock={"interval": 1.0})
+        )
+        h.pump()
+        first = b"".join(chunks)
+        assert first.count(b"\n\n") == 1  # the role chunk, sent at once
+        assert not done.called
+        h.clock.advance(1.0)
+        h.pump()
+        assert b"".join(chunks).count(b"\n\n") == 2
+        h.tick(1.0, 10)
+        h.result(done)
+        assert events(b"".join(chunks))[-1] == "data: [DONE]"
+
+    def test_responses_stream_is_relayed_with_event_lines(self) -> None:
+        h = Harness()
+        answer = h.request("POST", "/v1/responses", {"model": "m1", "input": "hi", "stream": True})
+        found = events(answer.body)
+        names = [e.split("\n")[0] for e in found]
+        assert names[0] == "event: response.created"
+        assert names[-1] == "event: response.completed"
+        assert "data: [DONE]" not in found
+        rid = json.loads(found[0].split("data: ", 1)[1])["response"]["id"]
+        # The id from response.created was remembered: the object is reachable.
+        assert h.request("GET", f"/v1/responses/{rid}").code == 200
 
 
-def test_usage_chunk_passes_through_byte_for_byte() -> None:
-    h = Harness()
-    answer = h.request(
-        "POST",
-        "/v1/chat/completions",
-        chat("x", stream=True, stream_options={"include_usage": True}),
-    )
-    usage_events = [e for e in events(answer.body) if '"choices":[]' in e]
-    assert len(usage_events) == 1
-    # Exactly the mock's compact framing: nothing was re-serialised.
-    assert usage_events[0].startswith('data: {"id":"chatcmpl_')
+class TruncationTests(SynchronousTestCase):
+    def test_cut_mid_stream_is_a_visible_truncation(self) -> None:
+        h = Harness()
+        answer = h.request("POST", "/v1/chat/completions", chat(stream=True, mock={"cut_after": 3}))
+        assert answer.code == 200
+        found = events(answer.body)
+        assert len(found) == 4
+        assert "data: [DONE]" not in found
+        assert found[-1].startswith("event: error\ndata: ")
+        error = json.loads(found[-1].split("data: ", 1)[1])
+        assert error["error"]["code"] == "bad_gateway"
+        assert len(h.seen()) == 1  # nothing is retried after the first byte
+
+    def test_clean_close_without_done_is_also_a_truncation(self) -> None:
+        h = Harness()
+        answer = h.request(
+            "POST", "/v1/chat/completions", chat(stream=True, mock={"omit_done": True})
+        )
+        found = events(answer.body)
+        assert found[-1].startswith("event: error")
+        assert "ended the stream before it finished" in found[-1]
+        again = h.request(
+            "POST", "/v1/chat/completions", chat(stream=True, mock={"omit_done": True})
+        )
+        assert again.header("x-llmproxy-cache") == "miss"  # the truncated stream was not stored
 
 
-def test_events_reach_the_client_before_the_stream_ends() -> None:
-    h = Harness()
-    response, chunks, done = collect_stream(h, chat("a b c", stream=True, mock={"interval": 1.0}))
-    h.pump()
-    first = b"".join(chunks)
-    assert first.count(b"\n\n") == 1  # the role chunk, sent at once
-    assert not done.called
-    h.clock.advance(1.0)
-    h.pump()
-    assert b"".join(chunks).count(b"\n\n") == 2
-    h.tick(1.0, 10)
-    h.result(done)
-    assert events(b"".join(chunks))[-1] == "data: [DONE]"
+class StreamTimeoutTests(SynchronousTestCase):
+    def test_idle_timeout_mid_stream_closes_the_upstream(self) -> None:
+        # stall_after_headers with stall_after=2 never finishes; the idle timeout ends it.
+        h2 = Harness(config_text(timeouts="{idle: 5}"))
+        d = h2.start(
+            "POST",
+            "/v1/chat/completions",
+            chat(stream=True, mock={"stall_after_headers": True, "stall_after": 2}),
+        )
+        response = h2.result(d)
+        chunks: list[bytes] = []
+        done = treq.collect(response, chunks.append)
+        h2.pump()
+        assert b"".join(chunks).count(b"\n\n") == 2
+        h2.clock.advance(5)
+        h2.pump()
+        h2.result(done)
+        found = events(b"".join(chunks))
+        assert len(found) == 3 and found[-1].startswith("event: error")
+        error = json.loads(found[-1].split("data: ", 1)[1])["error"]
+        assert error["code"] == "upstream_timeout" and "idle timeout of 5s" in error["message"]
+        assert h2.mocks["a"].stats["disconnects"] == 1  # the stalled upstream was closed
+
+    def test_paused_client_does_not_trip_the_idle_timer(self) -> None:
+        h = Harness()
+        seen: list[bytes] = []
+        stream = _BodyStream(h.clock, seen.append, idle=5, remaining=100)
+        outcome: list[object] = []
+        stream.done.addBoth(outcome.append)
+        stream.pauseProducing()
+        h.clock.advance(50)
+        assert stream.failed is None
+        stream.resumeProducing()
+        h.clock.advance(5)
+        assert stream.failed is not None and "idle" in stream.failed.message
+        assert isinstance(outcome[0], Failure) and "idle timeout" in str(outcome[0].value)
+
+    def test_total_timeout_ends_a_long_stream(self) -> None:
+        h = Harness(config_text(timeouts="{idle: 5, total: 12}"))
+        d = h.start(
+            "POST",
+            "/v1/chat/completions",
+            chat(stream=True, mock={"infinite": True, "interval": 1.0, "chunk_bytes": 10}),
+        )
+        response = h.result(d)
+        chunks: list[bytes] = []
+        done = treq.collect(response, chunks.append)
+        h.tick(1.0, 15)
+        h.result(done)
+        found = events(b"".join(chunks))
+        assert found[-1].startswith("event: error")
+        assert "total timeout" in found[-1]
 
 
-def test_cut_mid_stream_is_a_visible_truncation() -> None:
-    h = Harness()
-    answer = h.request("POST", "/v1/chat/completions", chat(stream=True, mock={"cut_after": 3}))
-    assert answer.code == 200
-    found = events(answer.body)
-    assert len(found) == 4
-    assert "data: [DONE]" not in found
-    assert found[-1].startswith("event: error\ndata: ")
-    error = json.loads(found[-1].split("data: ", 1)[1])
-    assert error["error"]["code"] == "bad_gateway"
-    assert len(h.seen()) == 1  # nothing is retried after the first byte
+class DisconnectTests(SynchronousTestCase):
+    def test_client_disconnect_closes_the_upstream(self) -> None:
+        h = Harness()
+        d = h.start(
+            "POST",
+            "/v1/chat/completions",
+            chat(stream=True, mock={"infinite": True, "interval": 1.0, "chunk_bytes": 10}),
+        )
+        response = h.result(d)
+        h.clock.advance(1.0)
+        h.pump()
+        assert h.mocks["a"].stats["active_streams"] == 1
+        hang_up(response)
+        h.pump()
+        assert h.mocks["a"].stats["disconnects"] == 1
+        assert h.mocks["a"].stats["active_streams"] == 0
+        assert h.request("GET", "/stats").json()["inflight"] == 1  # only that /stats request
 
-
-def test_clean_close_without_done_is_also_a_truncation() -> None:
-    h = Harness()
-    answer = h.request("POST", "/v1/chat/completions", chat(stream=True, mock={"omit_done": True}))
-    found = events(answer.body)
-    assert found[-1].startswith("event: error")
-    assert "ended the stream before it finished" in found[-1]
-    again = h.request("POST", "/v1/chat/completions", chat(stream=True, mock={"omit_done": True}))
-    assert again.header("x-llmproxy-cache") == "miss"  # the truncated stream was not stored
-
-
-def test_idle_timeout_mid_stream_closes_the_upstream() -> None:
-    # stall_after_headers with stall_after=2 never finishes; the idle timeout ends it.
-    h2 = Harness(config_text(timeouts="{idle: 5}"))
-    d = h2.start(
-        "POST",
-        "/v1/chat/completions",
-        chat(stream=True, mock={"stall_after_headers": True, "stall_after": 2}),
-    )
-    response = h2.result(d)
-    chunks: list[bytes] = []
-    done = response.collect(chunks.append)
-    h2.pump()
-    assert b"".join(chunks).count(b"\n\n") == 2
-    h2.clock.advance(5)
-    h2.pump()
-    h2.result(done)
-    found = events(b"".join(chunks))
-    assert len(found) == 3 and found[-1].startswith("event: error")
-    error = json.loads(found[-1].split("data: ", 1)[1])["error"]
-    assert error["code"] == "upstream_timeout" and "idle timeout of 5s" in error["message"]
-    assert h2.mocks["a"].stats["disconnects"] == 1  # the stalled upstream was closed
-
-
-def test_paused_client_does_not_trip_the_idle_timer() -> None:
-    from llmproxy.forwarder import _BodyStream
-
-    h = Harness()
-    seen: list[bytes] = []
-    stream = _BodyStream(h.clock, seen.append, idle=5, remaining=100)
-    outcome: list[object] = []
-    stream.done.addBoth(outcome.append)
-    stream.pauseProducing()
-    h.clock.advance(50)
-    assert stream.failed is None
-    stream.resumeProducing()
-    h.clock.advance(5)
-    assert stream.failed is not None and "idle" in stream.failed.message
-    assert outcome and "idle timeout" in str(outcome[0].value)  # type: ignore[attr-defined]
-
-
-def test_total_timeout_ends_a_long_stream() -> None:
-    h = Harness(config_text(timeouts="{idle: 5, total: 12}"))
-    d = h.start(
-        "POST",
-        "/v1/chat/completions",
-        chat(stream=True, mock={"infinite": True, "interval": 1.0, "chunk_bytes": 10}),
-    )
-    response = h.result(d)
-    chunks: list[bytes] = []
-    done = response.collect(chunks.append)
-    h.tick(1.0, 15)
-    h.result(done)
-    found = events(b"".join(chunks))
-    assert found[-1].startswith("event: error")
-    assert "total timeout" in found[-1]
-
-
-def test_client_disconnect_closes_the_upstream() -> None:
-    h = Harness()
-    d = h.start(
-        "POST",
-        "/v1/chat/completions",
-        chat(stream=True, mock={"infinite": True, "interval": 1.0, "chunk_bytes": 10}),
-    )
-    response = h.result(d)
-    h.clock.advance(1.0)
-    h.pump()
-    assert h.mocks["a"].stats["active_streams"] == 1
-    hang_up(response)
-    h.pump()
-    assert h.mocks["a"].stats["disconnects"] == 1
-    assert h.mocks["a"].stats["active_streams"] == 0
-    assert h.gateway.inflight == 0
-
-
-def test_responses_stream_is_relayed_with_event_lines() -> None:
-    h = Harness()
-    answer = h.request("POST", "/v1/responses", {"model": "m1", "input": "hi", "stream": True})
-    found = events(answer.body)
-    names = [e.split("\n")[0] for e in found]
-    assert names[0] == "event: response.created"
-    assert names[-1] == "event: response.completed"
-    assert "data: [DONE]" not in found
-    rid = json.loads(found[0].split("data: ", 1)[1])["response"]["id"]
-    # The id from response.created was remembered: the object is reachable.
-    assert h.request("GET", f"/v1/responses/{rid}").code == 200
-
-
-TrialTests = trial_case(globals())
+    def test_a_total_timeout_while_the_client_held_the_stream_is_not_the_targets_fault(
+        self,
+    ) -> None:
+        h = Harness()
+        stream = _BodyStream(h.clock, lambda data: None, idle=5, remaining=100)
+        stream.done.addErrback(lambda f: None)
+        h.clock.advance(10)
+        stream.pauseProducing()
+        h.clock.advance(90)  # total fires while the client has held the stream paused
+        assert stream.failed is not None and stream.failed.client_slow
+        assert not counts_against(stream.failed)
+        assert counts_against(UpstreamFailure("timeout", "total timeout"))
