@@ -8,11 +8,10 @@ read or relay the body, under the upstream's four timeouts.
   (a client that pauses us does not count against the upstream);
 * ``total``: the whole exchange, headers and body.
 
-A failure is raised as :class:`UpstreamFailure`, whose ``kind`` lets the router
-decide whether another target may be tried, and which maps onto the DESIGN.md
-status (502 / 504).  Streams are delivered chunk by chunk to a callback, with the
-upstream transport wrapped as a push producer so that a slow client pauses the
-upstream read (backpressure), and closed at once when the exchange is cancelled.
+A failure is raised as an :class:`~llmproxy.failures.UpstreamFailure`.
+Streams are delivered chunk by chunk to a callback, with the upstream
+transport wrapped as a push producer so that a slow client pauses the upstream
+read (backpressure), and closed at once when the exchange is cancelled.
 """
 
 from __future__ import annotations
@@ -57,8 +56,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
-from llmproxy import errors
 from llmproxy.config import Target, Upstream
+from llmproxy.failures import Kind, UpstreamFailure
 
 # Headers a client may send that are passed upstream; everything else (cookies,
 # Host, hop-by-hop, the client's Authorization) stays here.
@@ -156,33 +155,6 @@ def upstream_client(agent: IAgent) -> HTTPClient:
     return HTTPClient(agent, cookiejar=NoCookies(), data_to_body_producer=BytesProducer)
 
 
-@attrs.define
-class UpstreamFailure(Exception):
-    """
-    An attempt that failed.  ``kind`` is ``connect`` (refused, reset, never
-    answered), ``timeout`` (before or after the headers), ``http`` (an error
-    status; ``status`` and ``body`` are set) or ``cut`` (the body stopped early).
-    """
-
-    kind: str
-    message: str
-    status: int | None = None
-    body: bytes = b""
-    headers: Headers | None = None
-    retry_after: float | None = None
-    #: The exchange ran out of time while the client was not reading: the
-    #: client's doing, not the target's.
-    client_slow: bool = False
-
-    def __str__(self) -> str:
-        return f"{self.kind}: {self.message}"
-
-    def to_api_error(self) -> errors.APIError:
-        if self.kind == "timeout":
-            return errors.gateway_timeout(f"The upstream timed out ({self.message})")
-        return errors.bad_gateway(f"The upstream failed ({self.message})")
-
-
 class Redactor:
     """Replaces configured secrets that an upstream echoes back."""
 
@@ -254,7 +226,7 @@ class _BodyStream(TxProtocol):
         elif reason.check(ResponseDone, PotentialDataLoss):
             self.done.callback(None)
         else:
-            self.done.errback(UpstreamFailure("cut", "the upstream closed the stream early"))
+            self.done.errback(UpstreamFailure(Kind.CUT, "the upstream closed the stream early"))
 
     def _arm(self) -> None:
         if self.paused:
@@ -278,7 +250,7 @@ class _BodyStream(TxProtocol):
         client_slow = which == "total" and paused > (now - self.started) / 2
         if client_slow:
             detail += " (the client was not reading)"
-        self.failed = UpstreamFailure("timeout", detail, client_slow=client_slow)
+        self.failed = UpstreamFailure(Kind.TIMEOUT, detail, client_slow=client_slow)
         self.stopProducing()
 
     def _cancel(self, d: Deferred[None]) -> None:
@@ -443,7 +415,7 @@ class Forwarder:
             await acquiring.addTimeout(wait, self.reactor)
         except DeferTimeoutError:
             raise UpstreamFailure(
-                "timeout", f"no free connection to {upstream.name} within {wait:g}s"
+                Kind.TIMEOUT, f"no free connection to {upstream.name} within {wait:g}s"
             ) from None
         released = [False]
 
@@ -485,16 +457,16 @@ class Forwarder:
             # wrapping CancelledError: tell our own timeout from a client that left.
             if timed_out:
                 raise UpstreamFailure(
-                    "timeout", f"no response headers within {upstream.timeouts.first_byte:g}s"
+                    Kind.TIMEOUT, f"no response headers within {upstream.timeouts.first_byte:g}s"
                 ) from None
             if _cancelled(e):
                 raise CancelledError() from None
             if isinstance(e, ierror.TimeoutError):
                 raise UpstreamFailure(
-                    "timeout", f"connect timeout of {upstream.timeouts.connect:g}s"
+                    Kind.TIMEOUT, f"connect timeout of {upstream.timeouts.connect:g}s"
                 ) from None
             if isinstance(e, _CONNECTION_ERRORS):
-                raise UpstreamFailure("connect", _describe(e)) from None
+                raise UpstreamFailure(Kind.CONNECT, _describe(e)) from None
             raise
 
         exchange = Exchange(
@@ -512,14 +484,14 @@ class Forwarder:
         if 300 <= response.code < 400:
             exchange.close()
             raise UpstreamFailure(
-                "connect", f"the upstream answered a redirect ({response.code}), not followed"
+                Kind.CONNECT, f"the upstream answered a redirect ({response.code}), not followed"
             )
         try:
             data = await exchange.read()
         except UpstreamFailure as e:
             data = e.body
         raise UpstreamFailure(
-            "http",
+            Kind.HTTP,
             f"HTTP {response.code}",
             status=response.code,
             body=data,

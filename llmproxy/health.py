@@ -27,7 +27,6 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from llmproxy.config import Cooldown, Target
-from llmproxy.forwarder import UpstreamFailure
 from llmproxy.redisclient import RedisUnavailable, SharedRedis
 
 
@@ -75,15 +74,6 @@ class Breaker:
             seconds = min(cooldown.seconds * 2 ** (self.trips - 1), cooldown.max_seconds)
             self.open_until = now + seconds
             self.failures = 0
-
-
-def counts_against(failure: UpstreamFailure) -> bool:
-    """Does this failure say the target is unhealthy?"""
-    if failure.client_slow:
-        return False
-    if failure.kind == "http":
-        return failure.status == 429 or (failure.status or 0) >= 500
-    return True
 
 
 class HealthStore(Protocol):

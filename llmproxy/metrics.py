@@ -58,12 +58,10 @@ class Metrics:
         self._requests.labels(endpoint, str(status)).inc()
         self.requests[str(status)] += 1
 
-    def attempt(
-        self, upstream: str, outcome: str, status: int | None, ttfb: float | None = None
-    ) -> None:
-        label = outcome if status is None or outcome == "ok" else f"{outcome}_{status}"
-        self._attempts.labels(upstream, label).inc()
-        self.attempts[f"{upstream}:{label}"] += 1
+    def attempt(self, upstream: str, outcome: str, ttfb: float | None = None) -> None:
+        """One upstream attempt: ``ok`` (with its time to headers) or a failure's label."""
+        self._attempts.labels(upstream, outcome).inc()
+        self.attempts[f"{upstream}:{outcome}"] += 1
         if ttfb is not None:
             self._ttfb.labels(upstream).observe(ttfb)
             self.ttfb_sum[upstream] = self.ttfb_sum.get(upstream, 0.0) + ttfb

@@ -31,7 +31,8 @@ from llmproxy.body import check_fields, parse_body, rewrite_body
 from llmproxy.cache import CacheControl, Entry, ResponseCache, cache_key, parse_controls
 from llmproxy.cache.flight import Flight
 from llmproxy.config import Model, Target
-from llmproxy.forwarder import Exchange, Forwarder, UpstreamFailure
+from llmproxy.failures import Kind, UpstreamFailure
+from llmproxy.forwarder import Exchange, Forwarder
 from llmproxy.limits import Limiter
 from llmproxy.metrics import Metrics
 from llmproxy.router import Plan, Router
@@ -425,7 +426,7 @@ class Pipeline:
                 data = b"" if streaming else await exchange.read()
             except UpstreamFailure as failure:
                 await plan.failed(target, failure)
-                self.metrics.attempt(target.upstream, failure.kind, failure.status)
+                self.metrics.attempt(target.upstream, failure.label)
                 self.log.warn(
                     "request {request_id}: {upstream} failed: {failure}",
                     request_id=call.request_id,
@@ -445,7 +446,7 @@ class Pipeline:
                     exchange.close()
                 plan.finished(target)
                 raise
-            self.metrics.attempt(target.upstream, "ok", exchange.status, ttfb)
+            self.metrics.attempt(target.upstream, "ok", ttfb)
             try:
                 try:
                     if streaming:
@@ -470,7 +471,7 @@ class Pipeline:
 
         if last is None:
             raise errors.unavailable(f"No usable upstream for the model '{model.name}'.")
-        if last.kind == "http" and last.status is not None:
+        if last.kind is Kind.HTTP and last.status is not None:
             self._pass_error(last, sink, plan)
             return None
         sink.header("x-llmproxy-upstream", plan.tried[-1].upstream)
@@ -591,10 +592,12 @@ class Pipeline:
             if tail:
                 sink.write(redact(tail))
             if observer.terminal is None:
-                broke = UpstreamFailure("cut", "the upstream ended the stream before it finished")
+                broke = UpstreamFailure(
+                    Kind.CUT, "the upstream ended the stream before it finished"
+                )
         if broke is not None:
             # After the first byte nothing is retried: the client sees the cut.
-            self.metrics.attempt(target.upstream, "cut_" + broke.kind, None)
+            self.metrics.attempt(target.upstream, "cut_" + broke.kind.value)
             self.log.warn(
                 "request {request_id}: stream from {upstream} ended early: {failure}",
                 request_id=call.request_id,

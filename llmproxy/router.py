@@ -26,8 +26,8 @@ from twisted.logger import Logger
 from llmproxy.affinity import AffinityStore, MemoryAffinity, Pin
 from llmproxy.balancing import Strategy, make_strategy
 from llmproxy.config import Config, Model, Routing, Target
-from llmproxy.forwarder import UpstreamFailure
-from llmproxy.health import Breaker, HealthStore, LocalHealth, counts_against
+from llmproxy.failures import Kind, UpstreamFailure
+from llmproxy.health import Breaker, HealthStore, LocalHealth
 
 EWMA_ALPHA = 0.3
 
@@ -204,12 +204,7 @@ class Router:
         Deferred.fromCoroutine(self.health.release_probe(target))
 
     def retryable(self, failure: UpstreamFailure) -> bool:
-        retry_on = self.routing.retry_on
-        if failure.kind == "http":
-            return failure.status in retry_on
-        if failure.kind == "timeout":
-            return "timeout" in retry_on
-        return "connect" in retry_on
+        return failure.retry_reason() in self.routing.retry_on
 
     async def probe_passed(self, target: Target) -> None:
         """The half-open probe got its 2xx: the target is healthy again."""
@@ -228,7 +223,7 @@ class Router:
             await self.health.succeeded(target)
 
     async def failed(self, target: Target, failure: UpstreamFailure, probe: bool) -> None:
-        if not counts_against(failure):
+        if not failure.counts_against():
             if probe:
                 self.release_probe(target)
             return
@@ -257,7 +252,9 @@ class Router:
                     breaker.open_until = now  # probe it now rather than later
                     await self.health.end_cooldown(target, now)
             else:
-                await self.failed(target, UpstreamFailure("connect", "active health check"), False)
+                await self.failed(
+                    target, UpstreamFailure(Kind.CONNECT, "active health check"), False
+                )
 
     def targets_of(self, upstream: str) -> list[Target]:
         seen: dict[str, Target] = {}

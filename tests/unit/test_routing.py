@@ -15,7 +15,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 
 from llmproxy.balancing import LeastBusy, RoundRobin
 from llmproxy.config import Target, parse_yaml
-from llmproxy.forwarder import UpstreamFailure
+from llmproxy.failures import Kind, UpstreamFailure
 from llmproxy.health import ActiveChecker, LocalHealth
 from llmproxy.router import Plan, Router
 from tests.harness import Harness, chat, config_text, events, hang_up, router, run, three
@@ -42,7 +42,7 @@ def picks(r: Router, count: int) -> list[str]:
 def fail_target(
     r: Router,
     name: str,
-    kind: str = "connect",
+    kind: Kind = Kind.CONNECT,
     status: int | None = None,
     retry_after: float | None = None,
 ) -> None:
@@ -206,12 +206,12 @@ class CooldownTests(SynchronousTestCase):
         assert probe.upstream == "a"  # exactly one probe goes through...
         assert r.health_report()["a/up-a"]["state"] == "probing"
         assert picks(r, 2) == ["b", "b"]  # ...and nobody else meanwhile
-        run(probe_plan.failed(probe, UpstreamFailure("connect", "still down")))
+        run(probe_plan.failed(probe, UpstreamFailure(Kind.CONNECT, "still down")))
         assert r.health_report()["a/up-a"]["cooldown_remaining"] == 20  # doubled
         clock.advance(20)
         plan = run(r.plan(model))
         probe = take(plan)
-        run(plan.failed(probe, UpstreamFailure("timeout", "still down")))
+        run(plan.failed(probe, UpstreamFailure(Kind.TIMEOUT, "still down")))
         assert r.health_report()["a/up-a"]["cooldown_remaining"] == 25  # capped
         clock.advance(25)
         plan = run(r.plan(model))
@@ -237,7 +237,7 @@ class CooldownTests(SynchronousTestCase):
     def test_429_retry_after_cools_for_that_long(self) -> None:
         clock = Clock()
         r = router(three("priority"), clock)
-        fail_target(r, "a", "http", 429, retry_after=7)
+        fail_target(r, "a", Kind.HTTP, 429, retry_after=7)
         report = r.health_report()["a/up-a"]
         assert report["state"] == "cooling_down" and report["cooldown_remaining"] == 7
         clock.advance(7)
@@ -245,10 +245,10 @@ class CooldownTests(SynchronousTestCase):
 
     def test_client_errors_do_not_count_against_a_target(self) -> None:
         r = router(three("priority", extra="routing: {cooldown: {failures: 1}}\n"))
-        fail_target(r, "a", "http", 400)
-        fail_target(r, "a", "http", 404)
+        fail_target(r, "a", Kind.HTTP, 400)
+        fail_target(r, "a", Kind.HTTP, 404)
         assert r.health_report()["a/up-a"]["state"] == "healthy"
-        fail_target(r, "a", "http", 503)
+        fail_target(r, "a", Kind.HTTP, 503)
         assert r.health_report()["a/up-a"]["state"] == "cooling_down"
 
     def test_429_with_retry_after_fails_over_and_cools(self) -> None:
@@ -297,7 +297,7 @@ class CooldownTests(SynchronousTestCase):
             three("priority", extra="routing: {cooldown: {failures: 3, seconds: 10}}\n"), clock
         )
         for _ in range(6):  # six hung requests time out together
-            fail_target(r, "a", "timeout")
+            fail_target(r, "a", Kind.TIMEOUT)
         report = r.health_report()["a/up-a"]
         assert report["state"] == "cooling_down" and report["cooldown_remaining"] == 10
         clock.advance(10)
@@ -340,7 +340,7 @@ class CooldownTests(SynchronousTestCase):
         old_target = take(old)  # a long stream on a, begun while it was healthy
         tripper = run(r.plan(model))
         target = take(tripper)
-        run(tripper.failed(target, UpstreamFailure("http", "x", status=500)))
+        run(tripper.failed(target, UpstreamFailure(Kind.HTTP, "x", status=500)))
         clock.advance(10)
         probe_plan = run(r.plan(model))
         probe = take(probe_plan)

@@ -10,8 +10,8 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from llmproxy.forwarder import UpstreamFailure, _BodyStream
-from llmproxy.health import counts_against
+from llmproxy.failures import Kind, UpstreamFailure
+from llmproxy.forwarder import _BodyStream
 from tests.harness import Harness, chat, config_text, events, hang_up
 
 
@@ -195,5 +195,5 @@ class DisconnectTests(SynchronousTestCase):
         stream.pauseProducing()
         h.clock.advance(90)  # total fires while the client has held the stream paused
         assert stream.failed is not None and stream.failed.client_slow
-        assert not counts_against(stream.failed)
-        assert counts_against(UpstreamFailure("timeout", "total timeout"))
+        assert not stream.failed.counts_against()
+        assert UpstreamFailure(Kind.TIMEOUT, "total timeout").counts_against()
