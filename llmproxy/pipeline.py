@@ -14,8 +14,6 @@ a visible error event after it, nothing stored that did not complete.
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,10 +24,12 @@ from twisted.logger import Logger
 
 from llmproxy import errors
 from llmproxy.affinity import Pin, valid_response_id
+from llmproxy.answers import Inspector, error_of, is_event_stream, worth_storing
 from llmproxy.auth import Authenticator, Principal, bearer_token
 from llmproxy.body import check_fields, parse_body, rewrite_body
 from llmproxy.cache import CacheControl, Entry, ResponseCache, cache_key, parse_controls
 from llmproxy.cache.flight import Flight
+from llmproxy.cache.store import Uncacheable
 from llmproxy.config import Model, Target
 from llmproxy.failures import Kind, UpstreamFailure
 from llmproxy.forwarder import Exchange, Forwarder
@@ -37,12 +37,10 @@ from llmproxy.limits import Limiter
 from llmproxy.metrics import Metrics
 from llmproxy.router import Plan, Router
 from llmproxy.sink import ClientSink
-from llmproxy.sse import Event, SSEParser
+from llmproxy.sse import SSEParser
 
 # POST endpoints whose answers may be cached.
 CACHEABLE = frozenset({"chat/completions", "completions", "embeddings", "responses"})
-# Stream events after which nothing more is due.
-TERMINAL_EVENTS = frozenset({"response.completed", "response.failed", "response.incomplete"})
 
 SSE_HEADERS = {
     "content-type": "text/event-stream; charset=utf-8",
@@ -67,121 +65,13 @@ class Call:
     response_id: str | None = None
 
 
-_LENGTH = re.compile(r'"finish_reason"\s*:\s*"length"')
-_TOTAL_TOKENS = re.compile(rb'"total_tokens"\s*:\s*(\d+)')
-
-
-@attrs.define
-class _Observer:
-    """
-    Watches an answer go by: token usage, response ids, the terminal event, and
-    whatever makes it unfit for the cache (an error event, a truncated answer).
-    """
-
-    endpoint: str
-    owner: str
-    usage_tokens: int = 0
-    data_events: int = 0
-    answered: bool = False  # a 2xx answer was relayed (something was generated)
-    response_ids: list[str] = attrs.field(factory=list)
-    terminal: str | None = None
-    uncacheable: str | None = None
-
-    def body(self, data: bytes) -> None:
-        """A whole (non-streamed) answer."""
-        if self.endpoint.startswith("responses"):
-            try:
-                self.json(json.loads(data))  # the response id is needed
-            except ValueError:
-                pass
-            return
-        # Only the usage is needed: a regex over the bytes costs a fraction of
-        # parsing a large answer (an embeddings batch).  The usage object comes
-        # last; inside a JSON string the quotes would be escaped and not match.
-        matches = _TOTAL_TOKENS.findall(data)
-        if matches:
-            self.usage_tokens = int(matches[-1])
-
-    def json(self, payload: object) -> None:
-        if not isinstance(payload, dict):
-            return
-        usage = payload.get("usage")
-        if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int):
-            self.usage_tokens = usage["total_tokens"]
-        if payload.get("object") == "response" and isinstance(payload.get("id"), str):
-            self.response_ids.append(payload["id"])
-
-    def event(self, event: Event) -> None:
-        if event.is_done:
-            self.terminal = "[DONE]"
-            return
-        if event.data:
-            self.data_events += 1
-        kind = event.event
-        if kind == "error" or (kind is None and '"error"' in event.data and _error_of(event.data)):
-            # e.g. vLLM's `data: {"error": ...}` followed by `data: [DONE]`
-            self.uncacheable = "error_event"
-        elif kind is None and _LENGTH.search(event.data):
-            self.uncacheable = "truncated"
-        if kind in ("response.created", "response.completed") or (
-            kind is None and '"usage":{' in event.data
-        ):
-            try:
-                data = json.loads(event.data)
-            except ValueError:
-                return
-            if isinstance(data, dict) and isinstance(data.get("response"), dict):
-                data = data["response"]
-            self.json(data)
-        if kind in TERMINAL_EVENTS:
-            self.terminal = kind
-
-    @property
-    def complete(self) -> bool:
-        """Ended with the terminal event of a finished answer (cacheable)."""
-        return self.terminal in ("[DONE]", "response.completed")
-
-
-def _estimate_tokens(call: Call, observer: _Observer) -> int:
+def _estimate_tokens(call: Call, inspector: Inspector) -> int:
     """
     Tokens to charge when the upstream reported no usage (a stream without
     ``stream_options.include_usage``): about four bytes of prompt per token,
     and one token per streamed event, as servers stream token by token.
     """
-    return len(call.body or b"") // 4 + observer.data_events
-
-
-def _error_of(data: str | bytes) -> object:
-    """The ``error`` member of a JSON object, if the data is one and has it."""
-    try:
-        payload = json.loads(data)
-    except ValueError:
-        return None
-    return payload.get("error") if isinstance(payload, dict) else None
-
-
-def _worth_storing(endpoint: str, body: bytes) -> bool:
-    """Complete, non-empty answers only."""
-    try:
-        payload = json.loads(body)
-    except ValueError:
-        return False
-    if not isinstance(payload, dict) or payload.get("error"):
-        return False
-    if endpoint == "responses":
-        return payload.get("status") == "completed" and bool(payload.get("output"))
-    if endpoint == "embeddings":
-        return bool(payload.get("data"))
-    choices = payload.get("choices")
-    if not isinstance(choices, list) or not choices:
-        return False
-    for choice in choices:
-        if not isinstance(choice, dict) or choice.get("finish_reason") in (None, "length"):
-            continue
-        message = choice.get("message") or {}
-        if choice.get("text") or message.get("content") or message.get("tool_calls"):
-            return True
-    return False
+    return len(call.body or b"") // 4 + inspector.data_events
 
 
 @attrs.frozen
@@ -301,32 +191,33 @@ class Pipeline:
         """Forward, then account the tokens and store the answer if it completed."""
         call, model = model_call.call, model_call.model
         controls, key = model_call.controls, model_call.key
-        observer = _Observer(call.endpoint, model_call.principal.name)
+        inspector = Inspector(call.endpoint)
         plan = await self.router.plan(model, model_call.pinned)
         record = key is not None and controls.store
         try:
-            stored = await self._forward(call, model, plan, sink, observer, record)
+            owner = model_call.principal.name
+            stored = await self._forward(call, model, plan, sink, inspector, owner, record)
         finally:
             # Charged even when the client left half-way: what was generated was used.
-            self._charge(model_call, observer)
+            self._charge(model_call, inspector)
         if key is None or not controls.store:
             return
         if stored is None:
-            self.cache.skip(observer.uncacheable or "incomplete_or_error")
+            self.cache.skip(inspector.uncacheable or Uncacheable.INCOMPLETE)
         elif sink.gone:
-            self.cache.skip("client_gone")
+            self.cache.skip(Uncacheable.CLIENT_GONE)
         else:
             await self.cache.store(key, stored, controls.ttl)
 
-    def _charge(self, model_call: _ModelCall, observer: _Observer) -> None:
-        if observer.usage_tokens:
-            tokens = observer.usage_tokens
-        elif observer.answered:
-            tokens = _estimate_tokens(model_call.call, observer)
+    def _charge(self, model_call: _ModelCall, inspector: Inspector) -> None:
+        if inspector.usage_tokens:
+            tokens = inspector.usage_tokens
+        elif inspector.answered:
+            tokens = _estimate_tokens(model_call.call, inspector)
         else:
             return  # nothing was answered (an error): nothing was generated
         principal = model_call.principal
-        self.metrics.tokens(model_call.model.name, principal.name, observer.usage_tokens)
+        self.metrics.tokens(model_call.model.name, principal.name, inspector.usage_tokens)
         charging = Deferred.fromCoroutine(self.limiter.charge_tokens(principal, tokens))
         charging.addErrback(lambda f: self.log.failure("charging tokens failed", f))
 
@@ -350,7 +241,7 @@ class Pipeline:
         sink.header("x-llmproxy-cache", "bypass" if self.cache.enabled else "off")
         model = Model(name=target.model, targets=(target,))
         plan = await self.router.plan(model, pinned=target)
-        await self._forward(call, model, plan, sink, _Observer(call.endpoint, principal.name))
+        await self._forward(call, model, plan, sink, Inspector(call.endpoint), principal.name)
 
     async def _owned(self, principal: Principal, response_id: str, param: str) -> Pin | None:
         """
@@ -396,7 +287,8 @@ class Pipeline:
         model: Model,
         plan: Plan,
         sink: ClientSink,
-        observer: _Observer,
+        inspector: Inspector,
+        owner: str,
         record: bool = False,
     ) -> Entry | None:
         """
@@ -422,7 +314,7 @@ class Pipeline:
                 # A half-open probe is judged by its headers: a long answer
                 # must not keep the target closed to everybody else meanwhile.
                 await plan.answered(target)
-                streaming = _is_event_stream(exchange)
+                streaming = is_event_stream(exchange.headers)
                 data = b"" if streaming else await exchange.read()
             except UpstreamFailure as failure:
                 await plan.failed(target, failure)
@@ -450,10 +342,14 @@ class Pipeline:
             try:
                 try:
                     if streaming:
-                        entry, broke = await self._relay(call, exchange, sink, observer, record)
+                        entry, broke = await self._relay(
+                            call, exchange, sink, inspector, owner, record
+                        )
                     else:
                         entry, broke = (
-                            await self._answer(call, exchange, data, sink, observer, record),
+                            await self._answer(
+                                call, exchange, data, sink, inspector, owner, record
+                            ),
                             None,
                         )
                 except BaseException:
@@ -494,7 +390,7 @@ class Pipeline:
         if plan.tried:
             headers["x-llmproxy-upstream"] = plan.tried[-1].upstream
         body = failure.body
-        if not isinstance(_error_of(body), dict | str):
+        if not isinstance(error_of(body), dict | str):
             body = errors.APIError(
                 failure.status,
                 f"The upstream answered HTTP {failure.status}",
@@ -514,24 +410,25 @@ class Pipeline:
         exchange: Exchange,
         data: bytes,
         sink: ClientSink,
-        observer: _Observer,
+        inspector: Inspector,
+        owner: str,
         record: bool,
     ) -> Entry | None:
         headers = exchange.client_headers()
         headers["x-llmproxy-upstream"] = exchange.target.upstream
-        observer.body(data)
+        inspector.body(data)
         # Remembered before the client can see the id and ask about it.
-        await self._remember(observer, exchange.target)
-        observer.answered = True
+        await self._remember(inspector, exchange.target, owner)
+        inspector.answered = True
         sink.start(exchange.status, headers)
         sink.write(data)
         if not record:
             return None
-        if exchange.status != 200 or not _worth_storing(call.endpoint, data):
-            observer.uncacheable = "incomplete_or_error"
+        if exchange.status != 200 or not worth_storing(call.endpoint, data):
+            inspector.uncacheable = Uncacheable.INCOMPLETE
             return None
         if len(data) > self.max_record:
-            observer.uncacheable = "too_large"
+            inspector.uncacheable = Uncacheable.TOO_LARGE
             return None
         return Entry(
             status=200,
@@ -542,7 +439,13 @@ class Pipeline:
         )
 
     async def _relay(
-        self, call: Call, exchange: Exchange, sink: ClientSink, observer: _Observer, record: bool
+        self,
+        call: Call,
+        exchange: Exchange,
+        sink: ClientSink,
+        inspector: Inspector,
+        owner: str,
+        record: bool,
     ) -> tuple[Entry | None, UpstreamFailure | None]:
         """
         Relay an event stream as it arrives, event by event, with backpressure.
@@ -559,20 +462,22 @@ class Pipeline:
         def on_data(data: bytes) -> None:
             for event in parser.feed(data):
                 raw = redact(event.raw)
-                observer.event(event)
-                if observer.response_ids:
-                    remembering.append(Deferred.fromCoroutine(self._remember(observer, target)))
-                if record and observer.uncacheable is None:
+                inspector.event(event)
+                if inspector.response_ids:
+                    remembering.append(
+                        Deferred.fromCoroutine(self._remember(inspector, target, owner))
+                    )
+                if record and inspector.uncacheable is None:
                     size[0] += len(raw)
                     if size[0] > self.max_record:
-                        observer.uncacheable = "too_large"
+                        inspector.uncacheable = Uncacheable.TOO_LARGE
                         recorded.clear()  # never hold a whole long stream
                     else:
                         recorded.append(raw)
                 sink.write(raw)
 
         headers = dict(SSE_HEADERS, **{"x-llmproxy-upstream": target.upstream})
-        observer.answered = True
+        inspector.answered = True
         sink.start(exchange.status, headers)
         done = exchange.relay(on_data)
         assert exchange.body_stream is not None
@@ -591,7 +496,7 @@ class Pipeline:
             tail = parser.pending()
             if tail:
                 sink.write(redact(tail))
-            if observer.terminal is None:
+            if inspector.terminal is None:
                 broke = UpstreamFailure(
                     Kind.CUT, "the upstream ended the stream before it finished"
                 )
@@ -606,9 +511,11 @@ class Pipeline:
             )
             sink.write(broke.to_api_error().sse_event())
             return None, broke
-        if not record or not observer.complete or observer.uncacheable or sink.gone:
-            if observer.uncacheable is None:
-                observer.uncacheable = "client_gone" if sink.gone else "incomplete_or_error"
+        if not record or not inspector.complete or inspector.uncacheable or sink.gone:
+            if inspector.uncacheable is None:
+                inspector.uncacheable = (
+                    Uncacheable.CLIENT_GONE if sink.gone else Uncacheable.INCOMPLETE
+                )
             return None, None
         return (
             Entry(
@@ -621,9 +528,9 @@ class Pipeline:
             None,
         )
 
-    async def _remember(self, observer: _Observer, target: Target) -> None:
-        while observer.response_ids:
-            await self.router.remember(observer.response_ids.pop(), target, observer.owner)
+    async def _remember(self, inspector: Inspector, target: Target, owner: str) -> None:
+        for response_id in inspector.take_response_ids():
+            await self.router.remember(response_id, target, owner)
 
     def _replay(self, entry: Entry, sink: ClientSink) -> None:
         headers = {"content-type": entry.content_type, "x-llmproxy-upstream": entry.upstream}
@@ -635,9 +542,3 @@ class Pipeline:
         else:
             sink.start(entry.status, headers)
             sink.write(entry.body)
-
-
-def _is_event_stream(exchange: Exchange) -> bool:
-    value = exchange.headers.getRawHeaders("content-type") or [""]
-    text = value[0].decode("latin-1") if isinstance(value[0], bytes) else value[0]
-    return text.split(";")[0].strip().lower() == "text/event-stream"

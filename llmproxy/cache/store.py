@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Awaitable
 from typing import Protocol
 
@@ -11,6 +12,21 @@ from twisted.logger import Logger
 from llmproxy import errors
 from llmproxy.cache.entry import Entry
 from llmproxy.redisclient import RedisUnavailable
+
+
+class Uncacheable(enum.Enum):
+    """Why an answer was not stored.  The values are the keys of ``/stats`` cache.skipped."""
+
+    #: An error status, or an answer that did not complete (no terminal event).
+    INCOMPLETE = "incomplete_or_error"
+    #: A stream that carried an error event.
+    ERROR_EVENT = "error_event"
+    #: Cut short by the token limit (``finish_reason: length``).
+    TRUNCATED = "truncated"
+    #: Larger than what is recorded for the cache.
+    TOO_LARGE = "too_large"
+    #: Nobody was there to receive the end of it.
+    CLIENT_GONE = "client_gone"
 
 
 class CacheBackend(Protocol):
@@ -46,8 +62,8 @@ class ResponseCache:
     def enabled(self) -> bool:
         return self.backend is not None
 
-    def skip(self, reason: str) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+    def skip(self, reason: Uncacheable) -> None:
+        self.skipped[reason.value] = self.skipped.get(reason.value, 0) + 1
 
     async def lookup(self, key: str) -> Entry | None:
         assert self.backend is not None

@@ -11,9 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from llmproxy.cache import MemoryBackend, cache_key, parse_controls
 from llmproxy.errors import APIError
-from llmproxy.pipeline import _Observer
 from llmproxy.redisclient import SharedRedis
-from llmproxy.sse import parse_event
 from tests.harness import Answer, Harness, chat, config_text, events, hang_up
 
 KEYS = """
@@ -204,17 +202,6 @@ class StoreTests(SynchronousTestCase):
         assert events(first.body)[-1] == "data: [DONE]"
         assert ask(h, body).header("x-llmproxy-cache") == "miss"
         assert h.request("GET", "/stats").json()["cache"]["skipped"]["error_event"] == 2
-
-    def test_truncated_answers_are_not_stored(self) -> None:
-        observer = _Observer("chat/completions", "k")
-        observer.event(
-            parse_event(b'data: {"choices":[{"delta":{},"finish_reason": "length"}]}\n\n')
-        )
-        assert observer.uncacheable == "truncated"
-        fine = _Observer("chat/completions", "k")
-        fine.event(parse_event(b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\n'))
-        fine.event(parse_event(b'event: error\ndata: {"type": "error"}\n\n'))
-        assert fine.uncacheable == "error_event"
 
     def test_streams_larger_than_the_record_limit_are_not_held(self) -> None:
         h = cached()

@@ -66,17 +66,6 @@ class TokenChargeTests(SynchronousTestCase):
         assert h.request("POST", "/v1/chat/completions", body, headers=auth).code == 200
         assert h.request("POST", "/v1/chat/completions", chat("y"), headers=auth).code == 429
 
-    def test_usage_is_read_from_the_end_of_an_answer(self) -> None:
-        from llmproxy.pipeline import _Observer
-
-        observer = _Observer("embeddings", "k")
-        body = (
-            b'{"data": [{"embedding": "x"}], "note": "say \\"total_tokens\\": 999",'
-            b' "usage": {"prompt_tokens": 7, "total_tokens": 7}}'
-        )
-        observer.body(body)
-        assert observer.usage_tokens == 7
-
     def test_streams_without_usage_are_still_charged(self) -> None:
         h = Harness(
             config_text()
