@@ -32,12 +32,13 @@ from llmproxy.cache.flight import Flight
 from llmproxy.cache.store import Uncacheable
 from llmproxy.config import Model, Target
 from llmproxy.failures import Kind, UpstreamFailure
-from llmproxy.forwarder import Exchange, Forwarder
 from llmproxy.limits import Limiter
 from llmproxy.metrics import Metrics
 from llmproxy.router import Plan, Router
 from llmproxy.sink import ClientSink
-from llmproxy.sse import SSEParser
+from llmproxy.sse import Event, SSEParser
+from llmproxy.upstream.exchange import Exchange
+from llmproxy.upstream.forwarder import Forwarder
 
 # POST endpoints whose answers may be cached.
 CACHEABLE = frozenset({"chat/completions", "completions", "embeddings", "responses"})
@@ -452,36 +453,31 @@ class Pipeline:
         Returns the entry to cache (when recording and it completed) and the
         failure that cut it after its headers, if any.
         """
-        parser = SSEParser()
         recorded: list[bytes] = []
         size = [0]
-        redact = self.forwarder.redact
         target = exchange.target
         remembering: list[Deferred[None]] = []
 
-        def on_data(data: bytes) -> None:
-            for event in parser.feed(data):
-                raw = redact(event.raw)
-                inspector.event(event)
-                if inspector.response_ids:
-                    remembering.append(
-                        Deferred.fromCoroutine(self._remember(inspector, target, owner))
-                    )
-                if record and inspector.uncacheable is None:
-                    size[0] += len(raw)
-                    if size[0] > self.max_record:
-                        inspector.uncacheable = Uncacheable.TOO_LARGE
-                        recorded.clear()  # never hold a whole long stream
-                    else:
-                        recorded.append(raw)
-                sink.write(raw)
+        def on_event(event: Event) -> None:
+            raw = event.raw
+            inspector.event(event)
+            if inspector.response_ids:
+                remembering.append(Deferred.fromCoroutine(self._remember(inspector, target, owner)))
+            if record and inspector.uncacheable is None:
+                size[0] += len(raw)
+                if size[0] > self.max_record:
+                    inspector.uncacheable = Uncacheable.TOO_LARGE
+                    recorded.clear()  # never hold a whole long stream
+                else:
+                    recorded.append(raw)
+            sink.write(raw)
 
         headers = dict(SSE_HEADERS, **{"x-llmproxy-upstream": target.upstream})
         inspector.answered = True
         sink.start(exchange.status, headers)
-        done = exchange.relay(on_data)
-        assert exchange.body_stream is not None
-        sink.register_producer(exchange.body_stream)
+        done = exchange.stream(on_event)
+        assert exchange.producer is not None
+        sink.register_producer(exchange.producer)
         broke: UpstreamFailure | None = None
         try:
             await done  # a cancellation propagates: _forward closes the exchange
@@ -493,9 +489,9 @@ class Pipeline:
         for pending in remembering:
             await pending
         if broke is None:
-            tail = parser.pending()
+            tail = exchange.rest()
             if tail:
-                sink.write(redact(tail))
+                sink.write(tail)
             if inspector.terminal is None:
                 broke = UpstreamFailure(
                     Kind.CUT, "the upstream ended the stream before it finished"

@@ -18,7 +18,6 @@ from twisted.internet.defer import TimeoutError as DeferTimeoutError
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
 
 from llmproxy.affinity import AffinityStore, MemoryAffinity, RedisAffinity
 from llmproxy.app import Gateway
@@ -27,20 +26,16 @@ from llmproxy.cache import MemoryBackend, ResponseCache
 from llmproxy.cache.redis import RedisBackend
 from llmproxy.cache.store import CacheBackend
 from llmproxy.config import Config
-from llmproxy.forwarder import (
-    Forwarder,
-    Redactor,
-    UpstreamClient,
-    UpstreamEndpoints,
-    upstream_client,
-)
 from llmproxy.health import ActiveChecker, HealthStore, LocalHealth, RedisHealth
 from llmproxy.limits import Limiter, MemoryLimiter, RedisLimiter
 from llmproxy.metrics import Metrics
 from llmproxy.pipeline import Pipeline
+from llmproxy.redact import Redactor
 from llmproxy.redisclient import SharedRedis
 from llmproxy.router import Router
 from llmproxy.site import GatewaySite
+from llmproxy.upstream.client import UpstreamClient, UpstreamPools
+from llmproxy.upstream.forwarder import Forwarder
 
 
 class GatewayService(MultiService):
@@ -57,26 +52,6 @@ class GatewayService(MultiService):
     async def _stop_in_order(self) -> None:
         for service in reversed(list(self)):
             await maybeDeferred(service.stopService)
-
-
-class UpstreamsService(Service):
-    """One connection pool and treq client per upstream."""
-
-    def __init__(self, reactor: Any, config: Config) -> None:
-        self.pools: dict[str, HTTPConnectionPool] = {}
-        self.clients: dict[str, UpstreamClient] = {}
-        for name, upstream in config.upstreams.items():
-            pool = HTTPConnectionPool(reactor, persistent=True)
-            pool.maxPersistentPerHost = upstream.max_connections
-            pool.retryAutomatically = False  # a retry is the router's decision
-            endpoints = UpstreamEndpoints(reactor, upstream.timeouts.connect)
-            agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
-            self.pools[name] = pool
-            self.clients[name] = upstream_client(agent)
-
-    def stopService(self) -> Deferred[Any]:
-        super().stopService()
-        return DeferredList([p.closeCachedConnections() for p in self.pools.values()])
 
 
 class HTTPService(Service):
@@ -265,7 +240,7 @@ def build_service(config: Config, reactor: Any, listen: tuple[str, ...]) -> Mult
         redis_service = RedisService(redis)
         redis_service.setName("redis")
         redis_service.setServiceParent(top)
-    upstreams = UpstreamsService(reactor, config)
+    upstreams = UpstreamPools(reactor, config.upstreams)
     upstreams.setName("upstreams")
     upstreams.setServiceParent(top)
     gateway = build_gateway(config, reactor, upstreams.clients, redis)

@@ -32,11 +32,11 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 from llmproxy.config import Config, parse_yaml
-from llmproxy.forwarder import UpstreamClient, upstream_client
 from llmproxy.redisclient import SharedRedis
 from llmproxy.router import Router
 from llmproxy.service import build_gateway, build_site
 from llmproxy.testing.mock import MockUpstream
+from llmproxy.upstream.client import UpstreamClient, upstream_client
 
 T = TypeVar("T")
 

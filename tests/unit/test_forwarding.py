@@ -6,7 +6,7 @@ import json
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from llmproxy.forwarder import Redactor
+from llmproxy.redact import Redactor
 from tests.harness import Harness, chat, config_text
 
 TENANTS = """
@@ -129,7 +129,7 @@ class ForwardingRuleTests(SynchronousTestCase):
         from twisted.internet.testing import MemoryReactorClock
         from twisted.web.client import URI
 
-        from llmproxy.forwarder import UpstreamEndpoints
+        from llmproxy.upstream.client import UpstreamEndpoints
 
         factory = UpstreamEndpoints(MemoryReactorClock(), 3)
         # IP literals over plain HTTP connect directly (a refusal is reported at once).

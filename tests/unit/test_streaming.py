@@ -11,7 +11,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from llmproxy.failures import Kind, UpstreamFailure
-from llmproxy.forwarder import _BodyStream
+from llmproxy.upstream.exchange import BodyStream
 from tests.harness import Harness, chat, config_text, events, hang_up
 
 
@@ -139,7 +139,7 @@ class StreamTimeoutTests(SynchronousTestCase):
     def test_paused_client_does_not_trip_the_idle_timer(self) -> None:
         h = Harness()
         seen: list[bytes] = []
-        stream = _BodyStream(h.clock, seen.append, idle=5, remaining=100)
+        stream = BodyStream(h.clock, seen.append, idle=5, remaining=100)
         outcome: list[object] = []
         stream.done.addBoth(outcome.append)
         stream.pauseProducing()
@@ -189,7 +189,7 @@ class DisconnectTests(SynchronousTestCase):
         self,
     ) -> None:
         h = Harness()
-        stream = _BodyStream(h.clock, lambda data: None, idle=5, remaining=100)
+        stream = BodyStream(h.clock, lambda data: None, idle=5, remaining=100)
         stream.done.addErrback(lambda f: None)
         h.clock.advance(10)
         stream.pauseProducing()

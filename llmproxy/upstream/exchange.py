@@ -1,0 +1,252 @@
+"""
+One upstream response whose headers have arrived, and the reading of its body.
+
+The body is received by a :class:`BodyStream`: registered as the producer of
+the client's response, so a slow client pauses the upstream socket (and the
+idle timer, since a paused read is not the upstream's silence); stopped, it
+closes the upstream connection.  Two timeouts apply from here on:
+
+* ``idle``: the longest silence between two body chunks while we are reading;
+* ``total``: the whole exchange, headers included (the deadline it was given).
+
+Every byte an :class:`Exchange` hands on, a whole body or a stream event, has
+passed the redactor.  Closing an exchange gives its connection slot back,
+exactly once, whatever state it is in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import PotentialDataLoss, ResponseDone, ResponseFailed
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+from zope.interface import implementer
+
+from llmproxy.config import Target, Upstream
+from llmproxy.failures import Kind, UpstreamFailure
+from llmproxy.redact import Redactor
+from llmproxy.sse import Event, SSEParser
+
+# Upstream response headers a client gets; the rest (cookies, Content-Length and
+# Content-Encoding after treq decoded the body, hop-by-hop, organisation ids) stay.
+RESPONSE_HEADERS = ("content-type", "retry-after", "retry-after-ms", "openai-processing-ms")
+
+
+class Slot:
+    """One of an upstream's connections, held by one exchange and released exactly once."""
+
+    def __init__(self, release: Callable[[], object]) -> None:
+        self._release: Callable[[], object] | None = release
+
+    def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
+@implementer(IPushProducer)
+class BodyStream(Protocol):
+    """
+    Receives an upstream body chunk by chunk, under the idle and total
+    timeouts; ``done`` fires when it ends cleanly, or fails with an
+    :class:`UpstreamFailure`.  Cancelling ``done`` closes the connection.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        on_data: Callable[[bytes], None],
+        idle: float,
+        remaining: float,
+    ) -> None:
+        self.reactor = reactor
+        self.on_data = on_data
+        self.idle = idle
+        self.done: Deferred[None] = Deferred(lambda d: self.stopProducing())
+        self.paused = False
+        self.started = reactor.seconds()
+        self.paused_since = 0.0
+        self.paused_for = 0.0
+        self.failed: UpstreamFailure | None = None
+        self._idle_call: IDelayedCall | None = None
+        self._total_call = reactor.callLater(remaining, self._timeout, "total")
+
+    def connectionMade(self) -> None:
+        self._arm()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._arm()
+        self.on_data(data)
+
+    def connectionLost(self, reason: Failure = ResponseDone) -> None:  # type: ignore[assignment]
+        self._disarm()
+        if self._total_call.active():
+            self._total_call.cancel()
+        if self.done.called:
+            return
+        if self.failed is not None:
+            self.done.errback(self.failed)
+        elif reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(None)
+        else:
+            self.done.errback(UpstreamFailure(Kind.CUT, "the upstream closed the stream early"))
+
+    def _arm(self) -> None:
+        if self.paused:
+            return
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.reset(self.idle)
+        else:
+            self._idle_call = self.reactor.callLater(self.idle, self._timeout, "idle")
+
+    def _disarm(self) -> None:
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+
+    def _timeout(self, which: str) -> None:
+        detail = f"idle timeout of {self.idle:g}s" if which == "idle" else "total timeout"
+        now = self.reactor.seconds()
+        paused = self.paused_for + (now - self.paused_since if self.paused else 0.0)
+        # Out of time mostly because the client held the stream paused.
+        client_slow = which == "total" and paused > (now - self.started) / 2
+        if client_slow:
+            detail += " (the client was not reading)"
+        self.failed = UpstreamFailure(Kind.TIMEOUT, detail, client_slow=client_slow)
+        self.stopProducing()
+
+    # IPushProducer, on behalf of the upstream transport
+    def pauseProducing(self) -> None:
+        if not self.paused:
+            self.paused_since = self.reactor.seconds()
+        self.paused = True
+        self._disarm()
+        if self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        if self.paused:
+            self.paused_for += self.reactor.seconds() - self.paused_since
+        self.paused = False
+        self._arm()
+        if self.transport is not None:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        self._disarm()
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+        elif not self.done.called:
+            self.connectionLost(Failure(ResponseFailed([])))
+
+
+class _Discard(Protocol):
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()  # type: ignore[union-attr]
+
+
+def discard(response: IResponse) -> None:
+    """Close the connection of a response whose body nobody wants."""
+    response.deliverBody(_Discard())
+
+
+@attrs.define
+class Exchange:
+    """An upstream response whose headers have arrived; the body is still to come."""
+
+    reactor: IReactorTime
+    redact: Redactor
+    target: Target
+    upstream: Upstream
+    response: IResponse
+    deadline: float
+    slot: Slot
+    body_stream: BodyStream | None = None
+    _parser: SSEParser | None = None
+    _closed: bool = False
+
+    @property
+    def status(self) -> int:
+        return self.response.code
+
+    @property
+    def headers(self) -> Headers:
+        return self.response.headers
+
+    @property
+    def producer(self) -> IPushProducer | None:
+        """What pauses the upstream read, once the body is being received."""
+        return self.body_stream
+
+    def client_headers(self) -> dict[str, str]:
+        """The upstream's headers that a client gets."""
+        found = {}
+        for name in RESPONSE_HEADERS:
+            value = self.headers.getRawHeaders(name)
+            if value:
+                found[name] = value[0]
+        return found
+
+    async def read(self) -> bytes:
+        """The whole body (for non-streamed answers), under the same timeouts."""
+        chunks: list[bytes] = []
+        await self._receive(chunks.append)
+        return self.redact(b"".join(chunks))
+
+    def stream(self, on_event: Callable[[Event], None]) -> Deferred[None]:
+        """Deliver the body one whole server-sent event at a time; fires when it ends cleanly."""
+        parser = self._parser = SSEParser()
+
+        def on_data(data: bytes) -> None:
+            for event in parser.feed(data):
+                raw = self.redact(event.raw)
+                on_event(event if raw is event.raw else attrs.evolve(event, raw=raw))
+
+        return self._receive(on_data)
+
+    def rest(self) -> bytes:
+        """After :meth:`stream` ended: the bytes of an event the upstream never finished."""
+        return self.redact(self._parser.pending()) if self._parser is not None else b""
+
+    def close(self) -> None:
+        """Abandon the exchange: close the upstream connection now (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.body_stream is None:
+            discard(self.response)
+        elif not self.body_stream.done.called:
+            self.body_stream.stopProducing()
+        self.slot.release()
+
+    def __enter__(self) -> Exchange:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _receive(self, on_data: Callable[[bytes], None]) -> Deferred[None]:
+        remaining = max(0.001, self.deadline - self.reactor.seconds())
+        stream = self.body_stream = BodyStream(
+            self.reactor, on_data, self.upstream.timeouts.idle, remaining
+        )
+        # Hooked before delivery starts: whatever happens next, the end of
+        # the body gives the connection slot back.
+        stream.done.addBoth(self._released)
+        try:
+            self.response.deliverBody(stream)
+        except BaseException:
+            # The caller gets this error, never ``done``: nobody will wait for it.
+            stream.done.addErrback(lambda _: None)
+            raise
+        return stream.done
+
+    def _released(self, result: object) -> object:
+        self.slot.release()
+        return result

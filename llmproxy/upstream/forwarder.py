@@ -1,0 +1,250 @@
+"""
+Sending one request to one target and waiting for its response headers.
+
+The forwarding rules: the upstream URL, key and model come only from config;
+the client's ``Authorization``, cookies, ``Host`` and hop-by-hop headers are
+never forwarded; redirects are not followed.  Each upstream has
+``max_connections`` slots (Twisted's pool caps idle connections, not
+concurrent ones); a request waits for a free one no longer than its
+``first_byte`` timeout.  Two of the four timeouts apply here:
+
+* ``connect``: the TCP (and TLS) connection, enforced by the Agent;
+* ``first_byte``: from sending until the response headers arrive.
+
+Every failure is raised as an :class:`~llmproxy.failures.UpstreamFailure`
+(an error status too, with its body read), except a client that went away,
+which is a ``CancelledError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from twisted.internet import error as ierror
+from twisted.internet.defer import CancelledError, DeferredSemaphore
+from twisted.internet.defer import TimeoutError as DeferTimeoutError
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+from twisted.web.client import RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+
+from llmproxy.config import Target, Upstream
+from llmproxy.failures import Kind, UpstreamFailure
+from llmproxy.redact import Redactor
+from llmproxy.upstream.client import UpstreamClient
+from llmproxy.upstream.exchange import Exchange, Slot, discard
+
+# Headers a client may send that are passed upstream; everything else (cookies,
+# Host, hop-by-hop, the client's Authorization) stays here.
+REQUEST_HEADERS = ("accept", "openai-beta", "user-agent")
+
+_CONNECTION_ERRORS = (
+    ierror.ConnectError,
+    ierror.DNSLookupError,
+    ierror.ConnectionLost,
+    ResponseNeverReceived,
+    RequestTransmissionFailed,
+    ResponseFailed,
+)
+
+
+class Forwarder:
+    """Sends requests to upstreams, one exchange at a time."""
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        upstreams: Mapping[str, Upstream],
+        clients: Mapping[str, UpstreamClient],
+        redact: Redactor,
+    ) -> None:
+        self.reactor = reactor
+        self.upstreams = upstreams
+        self.clients = clients
+        self.redact = redact
+        self._slots = {name: DeferredSemaphore(u.max_connections) for name, u in upstreams.items()}
+
+    def build_headers(
+        self, upstream: Upstream, client: Mapping[str, str], request_id: str, has_body: bool
+    ) -> Headers:
+        """What an upstream is sent: a few of the client's headers, then the upstream's own."""
+        headers: dict[str, list[str]] = {}
+        for name in REQUEST_HEADERS:
+            if name in client:
+                headers[name] = [client[name]]
+        headers["x-request-id"] = [request_id]
+        for name, value in upstream.headers.items():
+            headers[name] = [value]
+        if upstream.api_key:
+            headers["authorization"] = [f"Bearer {upstream.api_key}"]
+        if has_body:
+            headers["content-type"] = ["application/json"]
+        return Headers(headers)
+
+    async def open(
+        self,
+        target: Target,
+        method: str,
+        path: str,
+        body: bytes | None,
+        client_headers: Mapping[str, str],
+        request_id: str,
+        query: bytes = b"",
+    ) -> Exchange:
+        """
+        Send the request and wait for the response headers.  A 2xx answer comes
+        back as an :class:`Exchange` (the body still to read); an error status as
+        an :class:`UpstreamFailure` of kind ``http``, its (redacted) body read, so
+        the caller can retry or pass it through.
+        """
+        upstream = self.upstreams[target.upstream]
+        url = upstream.base_url + path + (("?" + query.decode("ascii")) if query else "")
+        deadline = self.reactor.seconds() + upstream.timeouts.total
+        slot = await self._slot(upstream)
+        headers = self.build_headers(upstream, client_headers, request_id, body is not None)
+        try:
+            response = await self._send(upstream, method, url, headers, body, deadline)
+        except BaseException:
+            slot.release()
+            raise
+        exchange = Exchange(self.reactor, self.redact, target, upstream, response, deadline, slot)
+        if 200 <= response.code < 300:
+            return exchange
+        raise await self._refusal(exchange)
+
+    async def _slot(self, upstream: Upstream) -> Slot:
+        """A free connection to ``upstream``, waited for no longer than its first_byte timeout."""
+        semaphore = self._slots[upstream.name]
+        wait = min(upstream.timeouts.first_byte, upstream.timeouts.total)
+        try:
+            await semaphore.acquire().addTimeout(wait, self.reactor)
+        except DeferTimeoutError:
+            raise UpstreamFailure(
+                Kind.TIMEOUT, f"no free connection to {upstream.name} within {wait:g}s"
+            ) from None
+        return Slot(semaphore.release)
+
+    async def _send(
+        self,
+        upstream: Upstream,
+        method: str,
+        url: str,
+        headers: Headers,
+        body: bytes | None,
+        deadline: float,
+    ) -> IResponse:
+        """The response headers, within ``first_byte`` (and the total deadline)."""
+        timed_out = False
+
+        def first_byte_timeout() -> None:
+            nonlocal timed_out
+            timed_out = True
+            request.cancel()
+
+        remaining = max(0.001, deadline - self.reactor.seconds())
+        timer = self.reactor.callLater(
+            min(upstream.timeouts.first_byte, remaining), first_byte_timeout
+        )
+        try:
+            request = self.clients[upstream.name].request(
+                method, url, headers=headers, data=body, unbuffered=True, allow_redirects=False
+            )
+            response: IResponse = await request
+            return response
+        except Exception as e:
+            failure = _translate(e, upstream, timed_out)
+            if failure is e:
+                raise
+            raise failure from None
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    async def _refusal(self, exchange: Exchange) -> UpstreamFailure:
+        """What a non-2xx answer means (its connection is given back)."""
+        status, headers = exchange.status, exchange.headers
+        if 300 <= status < 400:
+            exchange.close()
+            return UpstreamFailure(
+                Kind.CONNECT, f"the upstream answered a redirect ({status}), not followed"
+            )
+        try:
+            data = await exchange.read()
+        except UpstreamFailure as e:
+            data = e.body
+        return UpstreamFailure(
+            Kind.HTTP,
+            f"HTTP {status}",
+            status=status,
+            body=data,
+            headers=headers,
+            retry_after=parse_retry_after(headers),
+        )
+
+    async def probe(self, name: str, path: str, timeout: float) -> bool:
+        """An active health check: does ``GET {base_url}{path}`` answer 2xx in time?"""
+        upstream = self.upstreams[name]
+        request = self.clients[name].request(
+            "GET",
+            upstream.base_url + path,
+            headers=self.build_headers(upstream, {}, "health-check", False),
+            unbuffered=True,
+            allow_redirects=False,
+        )
+        try:
+            response = await request.addTimeout(timeout, self.reactor)
+        except CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - any failure means "not healthy"
+            return False
+        discard(response)
+        return bool(200 <= response.code < 300)
+
+
+def parse_retry_after(headers: Headers) -> float | None:
+    """Seconds from ``retry-after-ms`` or ``retry-after``, if either is a number."""
+    for name, scale in ((b"retry-after-ms", 0.001), (b"retry-after", 1.0)):
+        value = headers.getRawHeaders(name)
+        if value:
+            try:
+                return max(0.0, float(value[0]) * scale)
+            except ValueError:
+                continue
+    return None
+
+
+def _translate(e: Exception, upstream: Upstream, timed_out: bool) -> Exception:
+    """
+    What an exception from the HTTP client means: one of ours, a client that
+    left (cancelling an Agent request errbacks with ResponseNeverReceived
+    wrapping CancelledError), or a bug, returned as it is.
+    """
+    if timed_out:
+        return UpstreamFailure(
+            Kind.TIMEOUT, f"no response headers within {upstream.timeouts.first_byte:g}s"
+        )
+    if _cancelled(e):
+        return CancelledError()
+    if isinstance(e, ierror.TimeoutError):
+        return UpstreamFailure(Kind.TIMEOUT, f"connect timeout of {upstream.timeouts.connect:g}s")
+    if isinstance(e, _CONNECTION_ERRORS):
+        return UpstreamFailure(Kind.CONNECT, _describe(e))
+    return e
+
+
+def _cancelled(e: BaseException) -> bool:
+    if isinstance(e, CancelledError):
+        return True
+    reasons = getattr(e, "reasons", None) or []
+    return any(isinstance(r, Failure) and r.check(CancelledError) for r in reasons)
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, ierror.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, ierror.DNSLookupError):
+        return "DNS lookup failed"
+    if isinstance(e, (ResponseNeverReceived, RequestTransmissionFailed, ResponseFailed)):
+        return "connection lost before the response"
+    return type(e).__name__
