@@ -1,127 +1,95 @@
 """
-The Klein resource tree: thin routes that parse an HTTP request into a
-:class:`~llmproxy.pipeline.Call`, hand it to one collaborator, and render.
+The Klein resource tree: thin routes that parse an HTTP request, hand it to
+one collaborator (the pipeline for model calls, Responses for stored response
+objects, Operations for the operator's endpoints), and render.
 
-Every client endpoint answers with and without the ``/v1`` prefix.  Every error
-is OpenAI-shaped JSON, rendered by the handlers at the bottom.
+Every client endpoint answers with and without the ``/v1`` prefix.  Every
+error is OpenAI-shaped JSON, rendered by the handlers at the bottom.  What
+every request gets whatever its route (its id, its count) is the Site's
+business (:mod:`llmproxy.site`).
 """
 
 from __future__ import annotations
 
 import json
-import re
-import uuid
-from collections.abc import Awaitable, Callable, Mapping
-from http import HTTPStatus
+from collections.abc import Awaitable, Callable
+from functools import wraps
 from typing import Any
 
 from klein import Klein
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.server import Request as IRequest
+from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from llmproxy import errors
-from llmproxy.auth import Authenticator, bearer_token
-from llmproxy.cache import ResponseCache
-from llmproxy.config import Config
-from llmproxy.metrics import Metrics
-from llmproxy.pipeline import Call, Pipeline
-from llmproxy.router import Router
+from llmproxy.calls import ClientRequest
+from llmproxy.operations import Operations
+from llmproxy.pipeline import Pipeline
+from llmproxy.responses import Responses
+from llmproxy.sink import RequestSink, set_status
+from llmproxy.site import GatewayRequest
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_RID_ATTR = "_llmproxy_request_id"
-
-
-def request_id(request: IRequest) -> str:
-    """The client's ``x-request-id`` if it is sane, else a new one; set once per request."""
-    found = getattr(request, _RID_ATTR, None)
-    if found is None:
-        given = request.getHeader("x-request-id") or ""
-        found = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
-        setattr(request, _RID_ATTR, found)
-        request.setHeader("x-request-id", found)
-    return found
+Handler = Callable[..., Awaitable[Any]]
 
 
-def set_status(request: IRequest, status: int) -> None:
-    """Set the status with its standard reason phrase (twisted.web lacks some, e.g. 429)."""
-    try:
-        phrase = HTTPStatus(status).phrase.encode("ascii")
-    except ValueError:
-        phrase = None  # a non-standard upstream status, e.g. 529: twisted.web's default
-    request.setResponseCode(status, phrase)
+def route(
+    app: Klein, path: str, methods: list[str], endpoint: str, v1: bool = True
+) -> Callable[[Handler], Handler]:
+    """
+    Register a handler at ``{path}`` (and at ``/v1{path}`` for client
+    endpoints); ``endpoint`` names what the request asks for, in metrics and to
+    the pipeline.
+    """
+
+    def register(handler: Handler) -> Handler:
+        @wraps(handler)
+        async def labelled(self: Any, request: GatewayRequest, *args: Any, **kwargs: Any) -> Any:
+            request.endpoint = endpoint
+            return await handler(self, request, *args, **kwargs)
+
+        name = endpoint.replace("/", "_")
+        if v1:
+            app.route("/v1" + path, methods=methods, endpoint=f"v1_{name}")(labelled)
+        app.route(path, methods=methods, endpoint=name)(labelled)
+        return labelled
+
+    return register
 
 
-def _headers(request: IRequest) -> dict[str, str]:
+def _gateway(request: IRequest) -> GatewayRequest:
+    """The request as GatewaySite made it (Klein hands handlers the interface)."""
+    assert isinstance(request, GatewayRequest), "serve the gateway with GatewaySite"
+    return request
+
+
+def _headers(request: GatewayRequest) -> dict[str, str]:
     return {
         k.decode("latin-1").lower(): v[0].decode("latin-1")
         for k, v in request.requestHeaders.getAllRawHeaders()
     }
 
 
-class RequestSink:
-    """A :class:`~llmproxy.pipeline.ClientSink` over a twisted.web request."""
-
-    def __init__(self, request: IRequest) -> None:
-        self.request = request
-        self._gone = False
-        request.notifyFinish().addErrback(self._lost)
-
-    def _lost(self, reason: Failure) -> None:
-        self._gone = True
-
-    @property
-    def gone(self) -> bool:
-        return self._gone
-
-    def header(self, name: str, value: str) -> None:
-        self.request.setHeader(name, value)
-
-    def start(self, status: int, headers: Mapping[str, str]) -> None:
-        set_status(self.request, status)
-        for name, value in headers.items():
-            self.request.setHeader(name, value)
-
-    def write(self, data: bytes) -> None:
-        if not self._gone:
-            self.request.write(data)
-
-    def register_producer(self, producer: IPushProducer) -> None:
-        if not self._gone:
-            self.request.registerProducer(producer, True)
-
-    def unregister_producer(self) -> None:
-        if not self._gone:
-            self.request.unregisterProducer()
-
-    def abort(self) -> None:
-        transport = self.request.channel.transport if self.request.channel else None
-        if transport is not None and not self._gone:
-            transport.abortConnection()  # type: ignore[attr-defined]
+def _parse(request: GatewayRequest, path: str, body: bytes = b"") -> ClientRequest:
+    return ClientRequest(
+        endpoint=request.endpoint,
+        method=request.method.decode("ascii"),
+        path=path,
+        headers=_headers(request),
+        request_id=request.request_id,
+        query=request.uri.partition(b"?")[2],
+        body=body,
+    )
 
 
-def _json(request: IRequest, payload: object, status: int = 200) -> bytes:
+def _json(request: GatewayRequest, payload: object, status: int = 200) -> bytes:
     set_status(request, status)
     request.setHeader("content-type", "application/json")
     return json.dumps(payload).encode("utf-8")
 
 
-Handler = Callable[..., Awaitable[Any]]
-
-
-def client_route(app: Klein, path: str, methods: list[str]) -> Callable[[Handler], Handler]:
-    """Register a handler at ``/v1{path}`` and ``{path}``."""
-
-    def register(handler: Handler) -> Handler:
-        name = handler.__name__
-        app.route("/v1" + path, methods=methods, endpoint=f"v1_{name}")(handler)
-        app.route(path, methods=methods, endpoint=name)(handler)
-        return handler
-
-    return register
+def _model_object(name: str) -> dict[str, object]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "llmproxy"}
 
 
 class Gateway:
@@ -130,174 +98,94 @@ class Gateway:
     app = Klein()
     log = Logger()
 
-    def __init__(
-        self,
-        config: Config,
-        pipeline: Pipeline,
-        router: Router,
-        auth: Authenticator,
-        cache: ResponseCache,
-        metrics: Metrics,
-    ) -> None:
-        self.config = config
+    def __init__(self, pipeline: Pipeline, responses: Responses, operations: Operations) -> None:
         self.pipeline = pipeline
-        self.router = router
-        self.auth = auth
-        self.cache = cache
-        self.metrics = metrics
-        self.inflight = 0
-        self._idle: list[Deferred[None]] = []
+        self.responses = responses
+        self.operations = operations
 
-    # -- bookkeeping ---------------------------------------------------------------
-
-    def _begin(self, request: IRequest, endpoint: str) -> str:
-        rid = request_id(request)
-        self._default_cache_header(request)
-        self.inflight += 1
-        self.metrics.inflight.inc()
-
-        def done(result: object) -> None:
-            self.inflight -= 1
-            self.metrics.inflight.dec()
-            self.metrics.request(endpoint, request.code)
-            if self.inflight == 0:
-                waiting, self._idle = self._idle, []
-                for d in waiting:
-                    d.callback(None)
-
-        request.notifyFinish().addBoth(done)
-        return rid
-
-    def idle(self) -> Deferred[None]:
-        """Fires when no request is in progress (for a graceful drain)."""
-        if self.inflight == 0:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._idle.append(d)
-        return d
-
-    def _call(self, request: IRequest, endpoint: str, path: str, **extra: Any) -> Call:
-        rid = self._begin(request, endpoint)
-        return Call(
-            endpoint=endpoint,
-            method=request.method.decode("ascii"),
-            path=path,
-            headers=_headers(request),
-            request_id=rid,
-            query=request.uri.partition(b"?")[2],
-            **extra,
-        )
-
-    async def _model_call(self, request: IRequest, endpoint: str) -> None:
+    async def _model_call(self, request: GatewayRequest) -> None:
         body = request.content.read() if request.content is not None else b""
-        call = self._call(request, endpoint, "/" + endpoint, body=body)
-        await self.pipeline.handle(call, RequestSink(request))
+        parsed = _parse(request, "/" + request.endpoint, body)
+        await self.pipeline.handle(parsed, RequestSink(request))
 
-    async def _response_object(self, request: IRequest, response_id: str, suffix: str) -> None:
-        # The pipeline checks the id before it goes into the upstream URL.
-        endpoint = "responses/" + (suffix.strip("/") or request.method.decode().lower())
-        path = f"/responses/{response_id}{suffix}"
-        call = self._call(request, endpoint, path, response_id=response_id)
-        await self.pipeline.handle_response_object(call, RequestSink(request))
+    async def _response_object(self, request: GatewayRequest, response_id: str, tail: str) -> None:
+        parsed = _parse(request, f"/responses/{response_id}{tail}")
+        await self.responses.handle(parsed, response_id, RequestSink(request))
 
-    # -- model calls ---------------------------------------------------------------
+    # -- model calls -----------------------------------------------------------------
 
-    @client_route(app, "/chat/completions", ["POST"])
-    async def chat_completions(self, request: IRequest) -> None:
-        await self._model_call(request, "chat/completions")
+    @route(app, "/chat/completions", ["POST"], "chat/completions")
+    async def chat_completions(self, request: GatewayRequest) -> None:
+        await self._model_call(request)
 
-    @client_route(app, "/completions", ["POST"])
-    async def completions(self, request: IRequest) -> None:
-        await self._model_call(request, "completions")
+    @route(app, "/completions", ["POST"], "completions")
+    async def completions(self, request: GatewayRequest) -> None:
+        await self._model_call(request)
 
-    @client_route(app, "/embeddings", ["POST"])
-    async def embeddings(self, request: IRequest) -> None:
-        await self._model_call(request, "embeddings")
+    @route(app, "/embeddings", ["POST"], "embeddings")
+    async def embeddings(self, request: GatewayRequest) -> None:
+        await self._model_call(request)
 
-    @client_route(app, "/responses", ["POST"])
-    async def responses(self, request: IRequest) -> None:
-        await self._model_call(request, "responses")
+    @route(app, "/responses", ["POST"], "responses")
+    async def responses_create(self, request: GatewayRequest) -> None:
+        await self._model_call(request)
 
-    @client_route(app, "/responses/<string:response_id>", ["GET", "DELETE"])
-    async def response_object(self, request: IRequest, response_id: str) -> None:
+    # -- stored responses --------------------------------------------------------------
+
+    @route(app, "/responses/<string:response_id>", ["GET"], "responses/get")
+    async def response_get(self, request: GatewayRequest, response_id: str) -> None:
         await self._response_object(request, response_id, "")
 
-    @client_route(app, "/responses/<string:response_id>/cancel", ["POST"])
-    async def response_cancel(self, request: IRequest, response_id: str) -> None:
+    @route(app, "/responses/<string:response_id>", ["DELETE"], "responses/delete")
+    async def response_delete(self, request: GatewayRequest, response_id: str) -> None:
+        await self._response_object(request, response_id, "")
+
+    @route(app, "/responses/<string:response_id>/cancel", ["POST"], "responses/cancel")
+    async def response_cancel(self, request: GatewayRequest, response_id: str) -> None:
         await self._response_object(request, response_id, "/cancel")
 
-    @client_route(app, "/responses/<string:response_id>/input_items", ["GET"])
-    async def response_input_items(self, request: IRequest, response_id: str) -> None:
+    @route(app, "/responses/<string:response_id>/input_items", ["GET"], "responses/input_items")
+    async def response_input_items(self, request: GatewayRequest, response_id: str) -> None:
         await self._response_object(request, response_id, "/input_items")
 
-    # -- models --------------------------------------------------------------------
+    # -- models ----------------------------------------------------------------------
 
-    def _model_object(self, name: str) -> dict[str, object]:
-        return {"id": name, "object": "model", "created": 0, "owned_by": "llmproxy"}
-
-    @client_route(app, "/models", ["GET"])
-    async def models(self, request: IRequest) -> bytes:
-        self._begin(request, "models")
-        principal = self.auth.authenticate(bearer_token(_headers(request)))
-        data = [self._model_object(n) for n in self.config.models if principal.allows(n)]
+    @route(app, "/models", ["GET"], "models")
+    async def models(self, request: GatewayRequest) -> bytes:
+        data = [_model_object(name) for name in self.pipeline.models(_headers(request))]
         return _json(request, {"object": "list", "data": data})
 
-    @client_route(app, "/models/<path:model_id>", ["GET"])
-    async def model(self, request: IRequest, model_id: str) -> bytes:
-        self._begin(request, "models/get")
-        principal = self.auth.authenticate(bearer_token(_headers(request)))
-        if model_id not in self.config.models or not principal.allows(model_id):
+    @route(app, "/models/<path:model_id>", ["GET"], "models/get")
+    async def model(self, request: GatewayRequest, model_id: str) -> bytes:
+        if model_id not in self.pipeline.models(_headers(request)):
             raise errors.model_not_found(model_id)
-        return _json(request, self._model_object(model_id))
+        return _json(request, _model_object(model_id))
 
-    # -- operations ----------------------------------------------------------------
+    # -- operations ------------------------------------------------------------------
 
-    @app.route("/health", methods=["GET"])
-    async def health(self, request: IRequest) -> bytes:
-        self._begin(request, "health")
-        await self.router.refresh()
-        targets = self.router.health_report()
-        usable = any(t["state"] != "cooling_down" for t in targets.values())
-        ok = usable or not targets
-        payload = {"status": "ok" if ok else "unavailable", "targets": targets}
+    @route(app, "/health", ["GET"], "health", v1=False)
+    async def health(self, request: GatewayRequest) -> bytes:
+        ok, payload = await self.operations.health()
         return _json(request, payload, 200 if ok else 503)
 
-    @app.route("/stats", methods=["GET"])
-    async def stats(self, request: IRequest) -> bytes:
-        self._begin(request, "stats")
-        self.auth.check_admin(bearer_token(_headers(request)))
-        payload = dict(self.metrics.snapshot())
-        payload["inflight"] = self.inflight
-        payload["cache"] = self.cache.snapshot()
-        await self.router.refresh()
-        payload["targets"] = self.router.health_report()
-        return _json(request, payload)
+    @route(app, "/stats", ["GET"], "stats", v1=False)
+    async def stats(self, request: GatewayRequest) -> bytes:
+        return _json(request, await self.operations.stats(_headers(request)))
 
-    @app.route("/metrics", methods=["GET"])
-    async def prometheus(self, request: IRequest) -> bytes:
-        self._begin(request, "metrics")
-        self.auth.check_admin(bearer_token(_headers(request)))
+    @route(app, "/metrics", ["GET"], "metrics", v1=False)
+    async def prometheus(self, request: GatewayRequest) -> bytes:
+        exposition = self.operations.exposition(_headers(request))
         request.setHeader("content-type", "text/plain; version=0.0.4; charset=utf-8")
-        return self.metrics.exposition()
+        return exposition
 
-    @app.route("/cache", methods=["DELETE"])
-    async def purge_cache(self, request: IRequest) -> bytes:
-        self._begin(request, "cache")
-        self.auth.check_admin(bearer_token(_headers(request)))
-        purged = await self.cache.purge()
-        return _json(request, {"purged": purged})
+    @route(app, "/cache", ["DELETE"], "cache", v1=False)
+    async def purge_cache(self, request: GatewayRequest) -> bytes:
+        return _json(request, {"purged": await self.operations.purge(_headers(request))})
 
-    # -- errors --------------------------------------------------------------------
+    # -- errors ----------------------------------------------------------------------
 
-    def _default_cache_header(self, request: IRequest) -> None:
-        """Every answer says what the cache did; the pipeline refines it."""
-        if not request.responseHeaders.hasHeader(b"x-llmproxy-cache"):
-            request.setHeader("x-llmproxy-cache", "bypass" if self.cache.enabled else "off")
-
-    def _render_error(self, request: IRequest, error: errors.APIError) -> bytes:
-        request_id(request)
-        self._default_cache_header(request)
-        if getattr(request, "startedWriting", False):
+    def _render_error(self, request: GatewayRequest, error: errors.APIError) -> bytes:
+        if request.startedWriting:
             # Headers are gone: the only honest signal left is in the body.
             ctype = request.responseHeaders.getRawHeaders(b"content-type") or [b""]
             if b"event-stream" in ctype[0]:
@@ -310,27 +198,25 @@ class Gateway:
         return error.body()
 
     @app.handle_errors(errors.APIError)
-    def api_error(self, request: Any, failure: Failure) -> bytes:
-        return self._render_error(request, failure.value)
+    def api_error(self, request: IRequest, failure: Failure) -> bytes:
+        return self._render_error(_gateway(request), failure.value)
 
     @app.handle_errors(NotFound)
-    def not_found(self, request: Any, failure: Failure) -> bytes:
-        self._begin(request, "unknown")
+    def not_found(self, request: IRequest, failure: Failure) -> bytes:
         path = request.path.decode("utf-8", "replace")
-        return self._render_error(request, errors.route_not_found(path))
+        return self._render_error(_gateway(request), errors.route_not_found(path))
 
     @app.handle_errors(MethodNotAllowed)
-    def method_not_allowed(self, request: Any, failure: Failure) -> bytes:
-        self._begin(request, "unknown")
+    def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
         error = errors.method_not_allowed(
             request.method.decode("ascii", "replace"),
             request.path.decode("utf-8", "replace"),
             list(failure.value.valid_methods or []),
         )
-        return self._render_error(request, error)
+        return self._render_error(_gateway(request), error)
 
     @app.handle_errors(Exception)
-    def unexpected(self, request: Any, failure: Failure) -> bytes:
-        rid = request_id(request)
+    def unexpected(self, request: IRequest, failure: Failure) -> bytes:
+        rid = _gateway(request).request_id
         self.log.failure("request {request_id} failed", failure, request_id=rid)
-        return self._render_error(request, errors.internal(rid))
+        return self._render_error(_gateway(request), errors.internal(rid))

@@ -42,12 +42,12 @@ _TYPES: dict[str, tuple[type, ...]] = {
 _TYPE_NAMES = {bool: "a boolean", dict: "an object", list: "an array", str: "a string"}
 
 
-def check_fields(body: dict[str, Any], require_model: bool = True) -> str | None:
+def check_fields(body: dict[str, Any]) -> str:
     """Validate what the proxy relies on; return the public model name."""
     model = body.get("model")
-    if model is None and require_model:
+    if model is None:
         raise errors.bad_request("you must provide a model parameter", param="model")
-    if model is not None and (not isinstance(model, str) or not model):
+    if not isinstance(model, str) or not model:
         raise errors.bad_request("'model' must be a non-empty string", param="model")
     for name, types in _TYPES.items():
         if name in body and body[name] is not None and not isinstance(body[name], types):

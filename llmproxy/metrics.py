@@ -8,7 +8,7 @@ and several gateways in one process never share counters.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client import Counter as PromCounter
@@ -73,7 +73,7 @@ class Metrics:
             self.tokens_total += count
 
     def add_gauges(
-        self, name: str, doc: str, read: Callable[[], dict[str, float]], label: str = "name"
+        self, name: str, doc: str, read: Callable[[], Mapping[str, float]], label: str = "name"
     ) -> None:
         """Expose a live mapping (e.g. cache counters) as a labelled gauge family."""
         gauge = Gauge(name, doc, [label], registry=self.registry)

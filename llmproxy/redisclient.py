@@ -9,8 +9,10 @@ local behaviour instead of failing a request.  After a failure, calls fail fast
 for a short while instead of piling up behind a dead server; txredisapi keeps
 reconnecting in the background, so Redis coming back is picked up on its own.
 
-txredisapi imports the reactor at import time: it is imported only when Redis
-is configured, never during twistd plugin discovery.
+:class:`SharedRedis` is the ``redis`` service of the tree: it connects when the
+service starts and disconnects when it stops.  txredisapi imports the reactor
+at import time: it is imported only when Redis is configured, never during
+twistd plugin discovery.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferTimeoutError
 from twisted.internet.interfaces import IReactorTime
@@ -40,7 +43,7 @@ def parse_url(url: str) -> dict[str, Any]:
     }
 
 
-class SharedRedis:
+class SharedRedis(Service):
     log = Logger()
     #: After a failure, fail fast this long before trying Redis again.
     BACKOFF = 0.5
@@ -53,9 +56,9 @@ class SharedRedis:
         self.timeout = timeout
         self._connection = connection
         self._down_until = 0.0
-        self.errors = 0
 
-    def start(self) -> None:
+    def startService(self) -> None:
+        super().startService()
         if self._connection is not None:
             return
         import txredisapi
@@ -75,17 +78,17 @@ class SharedRedis:
             replyTimeout=self.timeout,
         )
 
-    async def stop(self) -> None:
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self._disconnect())
+
+    async def _disconnect(self) -> None:
         if self._connection is not None:
             connection, self._connection = self._connection, None
             try:
                 await connection.disconnect()
             except Exception:  # noqa: BLE001 - shutting down: nothing left to protect
                 pass
-
-    @property
-    def available(self) -> bool:
-        return self._connection is not None and self.reactor.seconds() >= self._down_until
 
     async def call(self, command: str, *args: Any, **kwargs: Any) -> Any:
         """Run one txredisapi command under the deadline."""
@@ -99,26 +102,25 @@ class SharedRedis:
         except CancelledError:
             raise
         except (DeferTimeoutError, ConnectionError, TimeoutError, OSError) as e:
-            self._failed(command, e)
+            raise self._away(command, e) from None
         except Exception as e:  # noqa: BLE001 - Redis trouble must never fail a request
             # txredisapi's ConnectionError and TimeoutError derive from its own
             # RedisError, not from the builtins: those mean Redis is away.
             if type(e).__name__ in ("ConnectionError", "TimeoutError"):
-                self._failed(command, e)
+                raise self._away(command, e) from None
             # Anything else (a refused command, a value it cannot encode) is
             # about this one call: Redis is fine for everybody else.
             self.log.warn(
                 "redis {command} refused: {error}", command=command, error=type(e).__name__
             )
             raise RedisUnavailable(type(e).__name__) from None
-        raise AssertionError("unreachable")
 
-    def _failed(self, command: str, error: Exception) -> None:
-        self.errors += 1
+    def _away(self, command: str, error: Exception) -> RedisUnavailable:
+        """Redis is away: fail fast for a moment, and say so once per outage."""
         self._down_until = self.reactor.seconds() + min(self.BACKOFF, self.timeout * 2)
         self.log.warn(
             "redis {command} failed ({error}); degrading",
             command=command,
             error=type(error).__name__,
         )
-        raise RedisUnavailable(type(error).__name__) from None
+        return RedisUnavailable(type(error).__name__)

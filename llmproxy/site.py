@@ -1,23 +1,31 @@
 """
-The twisted.web Site and Request the gateway is served with.
+The twisted.web Site and Request the gateway is served with: what applies to
+every request, whatever route it takes.
 
-twisted.web reads a whole request body before any resource sees it and has no
-limit of its own, so ``server.max_body_bytes`` is enforced here: a declared
-Content-Length over the limit is refused with 413 before a byte of the body is
-read, and a chunked body is counted as it arrives and refused the moment it
-crosses the limit.  Either way the connection is closed after the answer.
-
-``X-Forwarded-For`` is honoured only when the peer is a trusted proxy.
+* A request id: the client's ``X-Request-Id`` when it is sane, else a new one,
+  on the request (``request.request_id``) and on its answer.
+* The default response headers (what the cache did, when no model call says
+  otherwise).
+* The requests in progress (:class:`InFlight`, which a graceful drain waits
+  on), and one count per answered request, by route and status.
+* ``server.max_body_bytes``: twisted.web reads a whole request body before any
+  resource sees it and has no limit of its own, so a declared Content-Length
+  over the limit is refused with 413 before a byte of the body is read, and a
+  chunked body is counted as it arrives and refused the moment it crosses the
+  limit.  Either way the connection is closed after the answer.
+* ``X-Forwarded-For``, honoured only when the peer is a trusted proxy.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
-from typing import Any
+import re
+import uuid
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource
@@ -25,21 +33,71 @@ from twisted.web.server import Request, Site
 
 from llmproxy import errors
 
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class RequestCounter(Protocol):
+    """Told of every answered request (the metrics)."""
+
+    def request(self, endpoint: str, status: int) -> None: ...
+
+
+class _NoCounter:
+    def request(self, endpoint: str, status: int) -> None:
+        pass
+
+
+class InFlight:
+    """The requests in progress, and who is waiting for there to be none."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle: list[Deferred[None]] = []
+
+    def begin(self) -> None:
+        self.count += 1
+
+    def end(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            waiting, self._idle = self._idle, []
+            for d in waiting:
+                d.callback(None)
+
+    def idle(self) -> Deferred[None]:
+        """Fires when no request is in progress (for a graceful drain)."""
+        if self.count == 0:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle.append(d)
+        return d
+
 
 class GatewayRequest(Request):
+    #: The client's X-Request-Id if it is sane, else a new one (set as the request starts).
+    request_id = ""
+    #: What was asked for, as metrics label it; the route sets it.
+    endpoint = "unknown"
     _rejected = False
     _received = 0
-
-    @property
-    def _limit(self) -> int:
-        return self._site.max_body_bytes
 
     @property
     def _site(self) -> GatewaySite:
         return self.channel.site  # type: ignore[attr-defined]
 
+    def process(self) -> None:
+        """Every request, before any route: its id, the default headers, its count."""
+        given = self.getHeader("x-request-id") or ""
+        self.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        self.setHeader("x-request-id", self.request_id)
+        site = self._site
+        for name, value in site.default_headers.items():
+            self.setHeader(name, value)
+        site.begin(self)
+        super().process()
+
     def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self._limit:
+        if length is not None and length > self._site.max_body_bytes:
             super().gotLength(0)
             # The channel answers "Expect: 100-continue" after this method; the
             # 413 is the answer, so no "100 Continue" may follow it.
@@ -52,7 +110,7 @@ class GatewayRequest(Request):
         if self._rejected:
             return
         self._received += len(data)
-        if self._received > self._limit:
+        if self._received > self._site.max_body_bytes:
             self._reject()
             return
         super().handleContentChunk(data)
@@ -65,7 +123,7 @@ class GatewayRequest(Request):
     def _reject(self) -> None:
         """Answer 413 straight onto the wire and close: the body is never read."""
         self._rejected = True
-        body = errors.too_large(self._limit).body()
+        body = errors.too_large(self._site.max_body_bytes).body()
         head = (
             b"HTTP/1.1 413 Request Entity Too Large\r\n"
             b"Content-Type: application/json\r\n"
@@ -76,7 +134,7 @@ class GatewayRequest(Request):
         assert transport is not None
         transport.write(head + body)
         self.channel.loseConnection()
-        self._site.rejected(413)
+        self._site.count("rejected", 413)
 
     def getClientAddress(self) -> Any:
         peer = super().getClientAddress()
@@ -122,14 +180,32 @@ class GatewaySite(Site):
         resource: IResource,
         max_body_bytes: int,
         trusted_proxies: tuple[str, ...],
+        counter: RequestCounter | None = None,
+        inflight: InFlight | None = None,
+        default_headers: Mapping[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(resource, **kwargs)
         self.max_body_bytes = max_body_bytes
         self.trusted_proxies = frozenset(trusted_proxies)
+        self._counter = counter or _NoCounter()
+        self.inflight = inflight or InFlight()
+        self.default_headers = dict(default_headers or {})
         self.channels: set[GatewayChannel] = set()
-        #: Told of requests refused before they reach the application (413).
-        self.rejected: Callable[[int], None] = lambda status: None
+
+    def begin(self, request: GatewayRequest) -> None:
+        """A request starts: count it in, and out again (by route and status) when it ends."""
+        self.inflight.begin()
+
+        def ended(result: object) -> None:
+            self.count(request.endpoint, request.code)
+            self.inflight.end()
+
+        request.notifyFinish().addBoth(ended)
+
+    def count(self, endpoint: str, status: int) -> None:
+        """One request answered (or refused before it reached a route)."""
+        self._counter.request(endpoint, status)
 
     def close_connections(self) -> Deferred[Any]:
         """

@@ -33,8 +33,8 @@ from zope.interface import implementer
 
 from llmproxy.config import Config, parse_yaml
 from llmproxy.redisclient import SharedRedis
-from llmproxy.router import Router
-from llmproxy.service import build_gateway, build_site
+from llmproxy.routing.router import Router
+from llmproxy.service import build_gateway
 from llmproxy.testing.mock import MockUpstream
 from llmproxy.upstream.client import UpstreamClient, upstream_client
 
@@ -203,8 +203,10 @@ class Harness:
             name: upstream_client(agent) for name, agent in self.upstreams.items()
         }
         clients = {**wired, **(clients or {})}
-        self.gateway = build_gateway(self.config, self.clock, clients, redis)
-        self.site = build_site(self.config, self.gateway, self.clock)
+        assembly = build_gateway(self.config, self.clock, clients, redis)
+        self.site = assembly.site
+        #: The active health checks, when the config has them (not started).
+        self.checks = assembly.checks
         self.agent = SiteAgent(self.site)
         self.client: HTTPClient = upstream_client(self.agent)
 

@@ -9,13 +9,12 @@ bytes under a key with a TTL, so memory and Redis behave the same.
 """
 
 from llmproxy.cache.entry import Entry
-from llmproxy.cache.keys import CacheControl, cache_key, parse_controls
+from llmproxy.cache.keys import cache_key, parse_controls
 from llmproxy.cache.memory import MemoryBackend
 from llmproxy.cache.store import CacheBackend, ResponseCache
 
 __all__ = [
     "CacheBackend",
-    "CacheControl",
     "Entry",
     "MemoryBackend",
     "ResponseCache",

@@ -1,4 +1,7 @@
-"""A stored answer, serialised to bytes so every backend stores the same thing."""
+"""
+A stored answer, serialised to bytes so every backend stores the same thing,
+and the :class:`Recording` an answer is kept in while it is relayed.
+"""
 
 from __future__ import annotations
 
@@ -41,3 +44,30 @@ class Entry:
             stream=bool(head["stream"]),
             upstream=str(head["upstream"]),
         )
+
+
+class Recording:
+    """
+    The bytes of an answer as its client gets them, kept for the cache.  Past
+    ``max_bytes`` nothing more is held (and what was is let go): a long stream
+    is never held whole for an entry it could not be.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.too_large = False
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    def add(self, data: bytes) -> None:
+        if self.too_large:
+            return
+        self._size += len(data)
+        if self._size > self.max_bytes:
+            self.too_large = True
+            self._chunks.clear()
+        else:
+            self._chunks.append(data)
+
+    def body(self) -> bytes:
+        return b"".join(self._chunks)

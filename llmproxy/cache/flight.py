@@ -1,10 +1,12 @@
 """
 Single-flight: identical requests in flight at once share one upstream call.
 
-A :class:`Flight` is the :class:`~llmproxy.pipeline.ClientSink` its one
-upstream exchange writes to.  It fans every byte out to the clients following
-it and keeps what it has sent, so a client that joins late first receives what
-was already sent (status, headers, events so far) and then the rest live.
+:class:`Flights` keeps the flights in progress by cache key: the first request
+leads one, identical ones join it.  A :class:`Flight` is the
+:class:`~llmproxy.sink.ClientSink` its one upstream exchange writes to.  It
+fans every byte out to the clients following it and keeps what it has sent, so
+a client that joins late first receives what was already sent (status,
+headers, events so far) and then the rest live.
 
 The exchange belongs to the flight, not to any one client: when the first
 client hangs up the others are still served, and the upstream is cancelled only
@@ -19,7 +21,7 @@ stuck client can neither stall the others nor make the proxy buffer for it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -27,17 +29,16 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from llmproxy.sink import ClientSink
+from llmproxy.sink import DroppableSink
 
 
 @implementer(IPushProducer)
 class _Follower:
     """One client of a flight; also the producer registered on its response."""
 
-    def __init__(self, flight: Flight, sink: ClientSink, headers: Mapping[str, str]) -> None:
+    def __init__(self, flight: Flight, sink: DroppableSink) -> None:
         self.flight = flight
         self.sink = sink
-        self.headers = dict(headers)
         self.done: Deferred[None] = Deferred(lambda d: flight.leave(self))
         self.producing = False
         self.backlog = 0  # bytes written for it while its connection was backed up
@@ -76,12 +77,12 @@ class Flight:
 
     # -- clients -------------------------------------------------------------------
 
-    def follow(self, sink: ClientSink, headers: Mapping[str, str] | None = None) -> Deferred[None]:
+    def follow(self, sink: DroppableSink) -> Deferred[None]:
         """Attach a client; fires when the flight's answer has been fully written."""
-        follower = _Follower(self, sink, headers or {})
+        follower = _Follower(self, sink)
         self.followers.append(follower)
         if self.status is not None:
-            sink.start(self.status, {**self.headers, **follower.headers})
+            sink.start(self.status, self.headers)
             for chunk in self.sent:
                 sink.write(chunk)
         if self.upstream is not None:
@@ -144,7 +145,7 @@ class Flight:
             if self.status is None:
                 # Nothing was sent: this follower's error answer still says
                 # what the flight knew (the upstream tried, the cache verdict).
-                for name, value in {**self.headers, **follower.headers}.items():
+                for name, value in self.headers.items():
                     follower.sink.header(name, value)
             follower.done.errback(self.result)
         else:
@@ -163,7 +164,7 @@ class Flight:
         self.status = status
         self.headers.update(headers)
         for follower in self.followers:
-            follower.sink.start(status, {**self.headers, **follower.headers})
+            follower.sink.start(status, self.headers)
 
     def write(self, data: bytes) -> None:
         if self.joinable:
@@ -190,11 +191,6 @@ class Flight:
             follower.producing = True
             follower.sink.register_producer(follower)
 
-    def abort(self) -> None:
-        for follower in list(self.followers):
-            self.leave(follower)
-            follower.sink.abort()
-
     def unregister_producer(self) -> None:
         self.upstream = None
         self.upstream_paused = False
@@ -204,3 +200,44 @@ class Flight:
                 follower.producing = False
                 if not follower.sink.gone:
                     follower.sink.unregister_producer()
+
+
+class Flights:
+    """The flights in progress, by cache key."""
+
+    def __init__(self, max_record: int) -> None:
+        self.max_record = max_record
+        #: Requests that joined a flight instead of making their own call.
+        self.coalesced = 0
+        self._flights: dict[str, Flight] = {}
+
+    def joinable(self, key: str) -> Flight | None:
+        """A flight for ``key`` that a new client can still join from its start."""
+        flight = self._flights.get(key)
+        return flight if flight is not None and flight.joinable else None
+
+    def join(self, flight: Flight, sink: DroppableSink) -> Deferred[None]:
+        """Follow ``flight``; fires when its answer has been written to ``sink``."""
+        self.coalesced += 1
+        return flight.follow(sink)
+
+    def lead(
+        self, key: str, sink: DroppableSink, run: Callable[[Flight], Awaitable[None]]
+    ) -> Deferred[None]:
+        """
+        Start a flight for ``key`` with ``sink`` as its first client: ``run`` makes
+        the one upstream call, writing to the flight.  Fires like :meth:`join`.
+        """
+        flight = self._flights[key] = Flight(key, self.max_record)
+        done = flight.follow(sink)
+        flight.task = Deferred.fromCoroutine(self._fly(flight, run))
+        flight.task.addBoth(flight.finish)
+        return done
+
+    async def _fly(self, flight: Flight, run: Callable[[Flight], Awaitable[None]]) -> None:
+        """The upstream call of a flight, owned by no single client."""
+        try:
+            await run(flight)
+        finally:
+            if self._flights.get(flight.key) is flight:
+                del self._flights[flight.key]

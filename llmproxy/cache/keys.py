@@ -15,19 +15,11 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import attrs
-
 from llmproxy import errors
+from llmproxy.calls import CacheControl
 
 #: The longest a request may ask its answer to be kept (one year).
 MAX_TTL = 365 * 24 * 3600
-
-
-@attrs.frozen
-class CacheControl:
-    lookup: bool = True
-    store: bool = True
-    ttl: float | None = None
 
 
 def parse_controls(header: str | None, field: object) -> CacheControl:

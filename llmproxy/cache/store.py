@@ -1,4 +1,11 @@
-"""The cache facade the pipeline talks to, and the backend interface."""
+"""
+The response cache as the pipeline sees it: for each call, one decision (is
+it looked up, is it stored, under which key), the verdict the answer carries
+in ``x-llmproxy-cache``, and the rules of what is stored: only complete 200
+answers, a stream only after its terminal event, and only if its client was
+still there.  A backend failure is a miss (or a skipped store), never a failed
+request.  The counters are written here and nowhere else.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +13,23 @@ import enum
 from collections.abc import Awaitable
 from typing import Protocol
 
+import attrs
 from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 
-from llmproxy import errors
+from llmproxy import config, errors
 from llmproxy.cache.entry import Entry
+from llmproxy.cache.flight import Flights
+from llmproxy.cache.keys import cache_key
+from llmproxy.calls import ModelCall
 from llmproxy.redisclient import RedisUnavailable
+from llmproxy.sink import ClientSink
+
+#: POST endpoints whose answers may be cached.
+CACHEABLE = frozenset({"chat/completions", "completions", "embeddings", "responses"})
+#: Answers larger than this are never recorded: neither stored nor replayed to
+#: late single-flight joiners (the memory backend also bounds it by max_bytes).
+MAX_RECORD = 16 * 1024 * 1024
 
 
 class Uncacheable(enum.Enum):
@@ -29,6 +47,44 @@ class Uncacheable(enum.Enum):
     CLIENT_GONE = "client_gone"
 
 
+class Verdict(enum.Enum):
+    """What the cache did for an answer."""
+
+    HIT = "hit"
+    MISS = "miss"
+    #: Not looked up (no-cache, no-store, or an endpoint that is never cached).
+    BYPASS = "bypass"
+    #: There is no cache.
+    OFF = "off"
+    #: Shared the upstream call of an identical request in flight.
+    JOINED = "joined"
+
+    def headers(self) -> dict[str, str]:
+        """The response headers that say so."""
+        if self is Verdict.JOINED:
+            return {"x-llmproxy-cache": "hit", "x-llmproxy-coalesced": "1"}
+        return {"x-llmproxy-cache": self.value}
+
+
+def announce(sink: ClientSink, verdict: Verdict) -> None:
+    """Tell the client what the cache did."""
+    for name, value in verdict.headers().items():
+        sink.header(name, value)
+
+
+@attrs.frozen
+class CacheDecision:
+    """What the cache does for one call."""
+
+    #: The entry's key; None when the cache is neither read nor written.
+    key: str | None
+    lookup: bool
+    store: bool
+    ttl: float | None
+    #: The verdict when it is not looked up (bypass or off).
+    verdict: Verdict
+
+
 class CacheBackend(Protocol):
     """Opaque bytes under a key with a TTL.  Methods return Deferreds or coroutines."""
 
@@ -42,28 +98,43 @@ class CacheBackend(Protocol):
 
 
 class ResponseCache:
-    """
-    Lookups and stores with the rules of DESIGN.md; a backend failure is a miss
-    (or a skipped store), never a failed request.
-    """
-
     log = Logger()
 
-    def __init__(self, backend: CacheBackend | None, ttl: float, scope: str) -> None:
+    def __init__(self, backend: CacheBackend | None, settings: config.Cache) -> None:
         self.backend = backend
-        self.ttl = ttl
-        self.scope = scope
-        self.counters = dict.fromkeys(
-            ("hits", "misses", "stores", "errors", "bypass", "coalesced", "stored_bytes"), 0
+        self.ttl = settings.ttl
+        self.scope = settings.scope
+        self.namespace = settings.namespace
+        #: The largest answer recorded: an entry the memory backend could not hold is not made.
+        self.max_record = (
+            min(MAX_RECORD, settings.max_bytes) if settings.backend == "memory" else MAX_RECORD
         )
-        self.skipped: dict[str, int] = {}
+        self.flights = Flights(self.max_record)
+        self._counts = dict.fromkeys(
+            ("hits", "misses", "stores", "errors", "bypass", "stored_bytes"), 0
+        )
+        self._skipped: dict[str, int] = {}
 
     @property
-    def enabled(self) -> bool:
-        return self.backend is not None
+    def default_verdict(self) -> Verdict:
+        """What an answer says when it is no model call: bypass, or off without a cache."""
+        return Verdict.BYPASS if self.backend is not None else Verdict.OFF
 
-    def skip(self, reason: Uncacheable) -> None:
-        self.skipped[reason.value] = self.skipped.get(reason.value, 0) + 1
+    def decide(self, call: ModelCall) -> CacheDecision:
+        """Whether ``call`` is looked up and stored, under which key."""
+        if self.backend is None:
+            return CacheDecision(None, False, False, None, Verdict.OFF)
+        controls = call.controls
+        if call.endpoint not in CACHEABLE or not (controls.lookup or controls.store):
+            self._counts["bypass"] += 1
+            return CacheDecision(None, False, False, None, Verdict.BYPASS)
+        scope = call.principal.name if self.scope == "key" else None
+        key = cache_key(self.namespace, call.endpoint, call.model.name, call.payload, scope)
+        if not controls.lookup:
+            # no-cache: not read, but the fresh answer is still stored.
+            self._counts["bypass"] += 1
+        verdict = Verdict.MISS if controls.lookup else Verdict.BYPASS
+        return CacheDecision(key, controls.lookup, controls.store, controls.ttl, verdict)
 
     async def lookup(self, key: str) -> Entry | None:
         assert self.backend is not None
@@ -72,31 +143,51 @@ class ResponseCache:
         except CancelledError:
             raise
         except RedisUnavailable:
-            self.counters["errors"] += 1  # logged once per outage by SharedRedis
+            self._counts["errors"] += 1  # logged once per outage by SharedRedis
             raw = None
         except Exception:  # noqa: BLE001 - the cache must never fail a request
-            self.counters["errors"] += 1
+            self._counts["errors"] += 1
             self.log.failure("cache lookup failed; treating as a miss")
             raw = None
         entry = Entry.decode(raw) if raw is not None else None
-        self.counters["hits" if entry is not None else "misses"] += 1
+        self._counts["hits" if entry is not None else "misses"] += 1
         return entry
 
-    async def store(self, key: str, entry: Entry, ttl: float | None) -> None:
+    async def keep(
+        self,
+        decision: CacheDecision,
+        entry: Entry | None,
+        skipped: Uncacheable | None,
+        client_gone: bool,
+    ) -> None:
+        """Store an answer that ended as ``entry`` (None: ``skipped`` says why not)."""
+        if decision.key is None or not decision.store:
+            return
+        if entry is None:
+            self._skip(skipped or Uncacheable.INCOMPLETE)
+        elif client_gone:
+            self._skip(Uncacheable.CLIENT_GONE)
+        else:
+            await self._store(decision.key, entry, decision.ttl or self.ttl)
+
+    def _skip(self, reason: Uncacheable) -> None:
+        self._skipped[reason.value] = self._skipped.get(reason.value, 0) + 1
+
+    async def _store(self, key: str, entry: Entry, ttl: float) -> None:
         assert self.backend is not None
         try:
-            await self.backend.set(key, entry.encode(), ttl or self.ttl)
+            await self.backend.set(key, entry.encode(), ttl)
         except CancelledError:
             raise
         except RedisUnavailable:
-            self.counters["errors"] += 1
+            self._counts["errors"] += 1
             return
         except Exception:  # noqa: BLE001 - the cache must never fail a request
-            self.counters["errors"] += 1
+            self._counts["errors"] += 1
             self.log.failure("cache store failed; answer not cached")
             return
-        self.counters["stores"] += 1
-        self.counters["stored_bytes"] += len(entry.body)
+        self._counts["stores"] += 1
+        self._counts["stored_bytes"] += len(entry.body)
 
     async def purge(self) -> int:
         if self.backend is None:
@@ -106,7 +197,7 @@ class ResponseCache:
         except CancelledError:
             raise
         except Exception:  # noqa: BLE001 - the cache must never fail a request
-            self.counters["errors"] += 1
+            self._counts["errors"] += 1
             self.log.failure("cache purge failed")
             raise errors.APIError(
                 503,
@@ -115,8 +206,13 @@ class ResponseCache:
                 code="cache_unavailable",
             ) from None
 
+    def counts(self) -> dict[str, int]:
+        """Lookups, stores and their outcomes, and requests coalesced."""
+        return dict(self._counts, coalesced=self.flights.coalesced)
+
     def snapshot(self) -> dict[str, object]:
-        found: dict[str, object] = dict(self.counters, skipped=dict(self.skipped))
+        """The cache's part of /stats."""
+        found: dict[str, object] = dict(self.counts(), skipped=dict(self._skipped))
         if self.backend is not None:
             found.update(self.backend.stats())
         return found

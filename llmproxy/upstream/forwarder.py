@@ -29,6 +29,7 @@ from twisted.web.client import RequestTransmissionFailed, ResponseFailed, Respon
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
+from llmproxy.calls import ClientRequest
 from llmproxy.config import Target, Upstream
 from llmproxy.failures import Kind, UpstreamFailure
 from llmproxy.redact import Redactor
@@ -82,29 +83,25 @@ class Forwarder:
             headers["content-type"] = ["application/json"]
         return Headers(headers)
 
-    async def open(
-        self,
-        target: Target,
-        method: str,
-        path: str,
-        body: bytes | None,
-        client_headers: Mapping[str, str],
-        request_id: str,
-        query: bytes = b"",
-    ) -> Exchange:
+    async def open(self, target: Target, request: ClientRequest, body: bytes | None) -> Exchange:
         """
-        Send the request and wait for the response headers.  A 2xx answer comes
-        back as an :class:`Exchange` (the body still to read); an error status as
-        an :class:`UpstreamFailure` of kind ``http``, its (redacted) body read, so
-        the caller can retry or pass it through.
+        Send ``request`` to ``target`` with ``body`` and wait for the response
+        headers.  A 2xx answer comes back as an :class:`Exchange` (the body still
+        to read); an error status as an :class:`UpstreamFailure` of kind
+        ``http``, its (redacted) body read, so the caller can retry or pass it
+        through.
         """
         upstream = self.upstreams[target.upstream]
-        url = upstream.base_url + path + (("?" + query.decode("ascii")) if query else "")
+        url = upstream.base_url + request.path
+        if request.query:
+            url += "?" + request.query.decode("ascii")
         deadline = self.reactor.seconds() + upstream.timeouts.total
         slot = await self._slot(upstream)
-        headers = self.build_headers(upstream, client_headers, request_id, body is not None)
+        headers = self.build_headers(
+            upstream, request.headers, request.request_id, body is not None
+        )
         try:
-            response = await self._send(upstream, method, url, headers, body, deadline)
+            response = await self._send(upstream, request.method, url, headers, body, deadline)
         except BaseException:
             slot.release()
             raise

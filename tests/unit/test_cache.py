@@ -204,8 +204,7 @@ class StoreTests(SynchronousTestCase):
         assert h.request("GET", "/stats").json()["cache"]["skipped"]["error_event"] == 2
 
     def test_streams_larger_than_the_record_limit_are_not_held(self) -> None:
-        h = cached()
-        h.gateway.pipeline.max_record = 2000
+        h = cached("cache: {max_bytes: 2000}\n")  # records are bounded by the memory cache
         body = chat("long", stream=True, mock={"words": 50})
         first = ask(h, body)
         assert events(first.body)[-1] == "data: [DONE]"

@@ -13,30 +13,35 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from llmproxy.balancing import LeastBusy, RoundRobin
 from llmproxy.config import Target, parse_yaml
 from llmproxy.failures import Kind, UpstreamFailure
-from llmproxy.health import ActiveChecker, LocalHealth
-from llmproxy.router import Plan, Router
+from llmproxy.routing.balancing import LeastBusy, RoundRobin
+from llmproxy.routing.health import LocalHealth
+from llmproxy.routing.plan import Attempt, Plan
+from llmproxy.routing.router import Router
 from tests.harness import Harness, chat, config_text, events, hang_up, router, run, three
 
 
-def take(plan: Plan) -> Target:
-    """The plan's next target (there must be one)."""
-    target = run(plan.next())
-    assert target is not None, "the plan has no target left"
-    return target
+def take(plan: Plan) -> Attempt:
+    """The plan's next attempt (there must be one)."""
+    attempt = run(plan.next())
+    assert attempt is not None, "the plan has no target left"
+    return attempt
 
 
 def picks(r: Router, count: int) -> list[str]:
+    """Who gets each of ``count`` requests, each over before the next."""
     model = r.models["m1"]
     out = []
     for _ in range(count):
-        plan = run(r.plan(model))
-        target = take(plan)
-        out.append(target.upstream)
-        plan.finished(target)
+        with take(run(r.plan(model))) as attempt:
+            out.append(attempt.target.upstream)
     return out
+
+
+def report(r: Router, target_id: str) -> dict[str, object]:
+    """What /health would say of a target."""
+    return r.status()[target_id].as_json()
 
 
 def fail_target(
@@ -148,11 +153,10 @@ class BalancingTests(SynchronousTestCase):
         held = []
         for _ in range(3):
             plan = run(r.plan(model))
-            held.append((plan, take(plan)))
-        assert sorted(t.upstream for _, t in held) == ["a", "b", "c"]
-        plan, target = held[1]
-        plan.finished(target)  # that one is free again: it gets the next request
-        assert picks(r, 1) == [target.upstream]
+            held.append(take(plan))
+        assert sorted(a.target.upstream for a in held) == ["a", "b", "c"]
+        held[1].release()  # that one is free again: it gets the next request
+        assert picks(r, 1) == [held[1].target.upstream]
 
     def test_latency_prefers_the_faster_target_and_still_explores(self) -> None:
         clock = Clock()
@@ -196,29 +200,28 @@ class CooldownTests(SynchronousTestCase):
         fail_target(r, "a")
         assert picks(r, 1) == ["a"]  # two failures: still healthy
         fail_target(r, "a")
-        assert r.health_report()["a/up-a"]["state"] == "cooling_down"
+        assert report(r, "a/up-a")["state"] == "cooling_down"
         assert picks(r, 3) == ["b", "b", "b"]  # a cooling target is left alone
         clock.advance(10)
-        assert r.health_report()["a/up-a"]["state"] == "half_open"
+        assert report(r, "a/up-a")["state"] == "half_open"
         model = r.models["m1"]
         probe_plan = run(r.plan(model))
         probe = take(probe_plan)
-        assert probe.upstream == "a"  # exactly one probe goes through...
-        assert r.health_report()["a/up-a"]["state"] == "probing"
+        assert probe.target.upstream == "a"  # exactly one probe goes through...
+        assert report(r, "a/up-a")["state"] == "probing"
         assert picks(r, 2) == ["b", "b"]  # ...and nobody else meanwhile
-        run(probe_plan.failed(probe, UpstreamFailure(Kind.CONNECT, "still down")))
-        assert r.health_report()["a/up-a"]["cooldown_remaining"] == 20  # doubled
+        run(probe.failed(UpstreamFailure(Kind.CONNECT, "still down")))
+        assert report(r, "a/up-a")["cooldown_remaining"] == 20  # doubled
         clock.advance(20)
         plan = run(r.plan(model))
         probe = take(plan)
-        run(plan.failed(probe, UpstreamFailure(Kind.TIMEOUT, "still down")))
-        assert r.health_report()["a/up-a"]["cooldown_remaining"] == 25  # capped
+        run(probe.failed(UpstreamFailure(Kind.TIMEOUT, "still down")))
+        assert report(r, "a/up-a")["cooldown_remaining"] == 25  # capped
         clock.advance(25)
         plan = run(r.plan(model))
-        probe = take(plan)
-        run(plan.answered(probe))  # the probe passes with its 2xx headers
-        plan.finished(probe)
-        assert r.health_report()["a/up-a"]["state"] == "healthy"
+        with take(plan) as probe:
+            run(probe.answered())  # the probe passes with its 2xx headers
+        assert report(r, "a/up-a")["state"] == "healthy"
         assert picks(r, 2) == ["a", "a"]
 
     def test_probe_without_verdict_is_released(self) -> None:
@@ -229,27 +232,26 @@ class CooldownTests(SynchronousTestCase):
         fail_target(r, "a")
         clock.advance(5)
         plan = run(r.plan(r.models["m1"]))
-        probe = take(plan)
-        plan.finished(probe)  # e.g. the client went away before the headers
-        assert r.health_report()["a/up-a"]["state"] == "half_open"
+        take(plan).release()  # e.g. the client went away before the headers
+        assert report(r, "a/up-a")["state"] == "half_open"
         assert picks(r, 1) == ["a"]
 
     def test_429_retry_after_cools_for_that_long(self) -> None:
         clock = Clock()
         r = router(three("priority"), clock)
         fail_target(r, "a", Kind.HTTP, 429, retry_after=7)
-        report = r.health_report()["a/up-a"]
-        assert report["state"] == "cooling_down" and report["cooldown_remaining"] == 7
+        found = report(r, "a/up-a")
+        assert found["state"] == "cooling_down" and found["cooldown_remaining"] == 7
         clock.advance(7)
-        assert r.health_report()["a/up-a"]["state"] == "half_open"
+        assert report(r, "a/up-a")["state"] == "half_open"
 
     def test_client_errors_do_not_count_against_a_target(self) -> None:
         r = router(three("priority", extra="routing: {cooldown: {failures: 1}}\n"))
         fail_target(r, "a", Kind.HTTP, 400)
         fail_target(r, "a", Kind.HTTP, 404)
-        assert r.health_report()["a/up-a"]["state"] == "healthy"
+        assert report(r, "a/up-a")["state"] == "healthy"
         fail_target(r, "a", Kind.HTTP, 503)
-        assert r.health_report()["a/up-a"]["state"] == "cooling_down"
+        assert report(r, "a/up-a")["state"] == "cooling_down"
 
     def test_429_with_retry_after_fails_over_and_cools(self) -> None:
         h = gateway("priority")
@@ -269,7 +271,7 @@ class CooldownTests(SynchronousTestCase):
         for i in range(3):
             answer = h.request("POST", "/v1/chat/completions", chat(f"c{i}", stream=True))
             assert answer.header("x-llmproxy-upstream") == "a" and b"event: error" in answer.body
-        assert h.gateway.router.health_report()["a/up-a"]["state"] == "cooling_down"
+        assert h.target("a/up-a")["state"] == "cooling_down"
         assert served_by(h, 1, stream=True) == ["b"]
 
     def test_a_probe_abandoned_while_being_claimed_is_released(self) -> None:
@@ -289,7 +291,7 @@ class CooldownTests(SynchronousTestCase):
         pending = Deferred.fromCoroutine(plan.next())
         pending.cancel()
         pending.addErrback(lambda f: None)
-        assert r.health_report()["a/up-a"]["state"] == "half_open"
+        assert report(r, "a/up-a")["state"] == "half_open"
 
     def test_failures_of_attempts_started_before_a_trip_do_not_extend_it(self) -> None:
         clock = Clock()
@@ -298,10 +300,10 @@ class CooldownTests(SynchronousTestCase):
         )
         for _ in range(6):  # six hung requests time out together
             fail_target(r, "a", Kind.TIMEOUT)
-        report = r.health_report()["a/up-a"]
-        assert report["state"] == "cooling_down" and report["cooldown_remaining"] == 10
+        found = report(r, "a/up-a")
+        assert found["state"] == "cooling_down" and found["cooldown_remaining"] == 10
         clock.advance(10)
-        assert r.health_report()["a/up-a"]["state"] == "half_open"
+        assert report(r, "a/up-a")["state"] == "half_open"
 
     def test_a_long_probe_does_not_close_the_target_to_others(self) -> None:
         one = "  m1:\n    targets:\n      - upstream: a\n"
@@ -337,17 +339,15 @@ class CooldownTests(SynchronousTestCase):
         )
         model = r.models["m1"]
         old = run(r.plan(model))
-        old_target = take(old)  # a long stream on a, begun while it was healthy
-        tripper = run(r.plan(model))
-        target = take(tripper)
-        run(tripper.failed(target, UpstreamFailure(Kind.HTTP, "x", status=500)))
+        long_stream = take(old)  # a long stream on a, begun while it was healthy
+        tripper = take(run(r.plan(model)))
+        run(tripper.failed(UpstreamFailure(Kind.HTTP, "x", status=500)))
         clock.advance(10)
-        probe_plan = run(r.plan(model))
-        probe = take(probe_plan)
-        assert probe.upstream == "a" and r.health_report()["a/m1"]["state"] == "probing"
-        old.finished(old_target)  # the old stream ends: the probe is still the probe's
-        assert r.health_report()["a/m1"]["state"] == "probing"
-        assert take(run(r.plan(model))).upstream == "b"  # no second probe
+        probe = take(run(r.plan(model)))
+        assert probe.target.upstream == "a" and report(r, "a/m1")["state"] == "probing"
+        long_stream.release()  # the old stream ends: the probe is still the probe's
+        assert report(r, "a/m1")["state"] == "probing"
+        assert take(run(r.plan(model))).target.upstream == "b"  # no second probe
 
 
 class FailoverTests(SynchronousTestCase):
@@ -365,8 +365,8 @@ class FailoverTests(SynchronousTestCase):
         r = router(three("round_robin", (1, 1, 0)))
         plan = run(r.plan(r.models["m1"]))
         first, second = take(plan), take(plan)
-        assert {first.upstream, second.upstream} == {"a", "b"}
-        assert take(plan).upstream == "c"  # both weighted ones tried: the fallback
+        assert {first.target.upstream, second.target.upstream} == {"a", "b"}
+        assert take(plan).target.upstream == "c"  # both weighted ones tried: the fallback
 
     def test_retries_bound_the_attempts(self) -> None:
         r = router(three(extra="routing: {retries: 1}\n"))
@@ -485,21 +485,25 @@ class AffinityTests(SynchronousTestCase):
 
 class HealthCheckTests(SynchronousTestCase):
     def test_active_health_checks(self) -> None:
-        h = gateway("priority", extra="routing: {cooldown: {failures: 1, seconds: 300}}\n")
+        h = gateway(
+            "priority",
+            extra="routing: {cooldown: {failures: 1, seconds: 300},"
+            " health_checks: {interval: 10, timeout: 5}}\n",
+        )
         h.mocks["a"].config = {"status": 500}
-        checker = ActiveChecker(h.clock, h.gateway.router, h.gateway.pipeline.forwarder, 10, 5)
-        checker.start()
-        h.clock.advance(10)
+        assert h.checks is not None
+        h.checks.startService()  # the first round of checks runs at once
         h.pump()
         assert [r["path"] for r in h.seen("a")] == ["/v1/models"]
-        assert h.gateway.router.health_report()["a/up-a"]["state"] == "cooling_down"
+        assert h.target("a/up-a")["state"] == "cooling_down"
         h.mocks["a"].config = {}
-        h.clock.advance(10)
-        h.pump()
+        h.tick(10)
         # A passing check lets the target be probed now, not in 300 seconds.
-        assert h.gateway.router.health_report()["a/up-a"]["state"] == "half_open"
+        assert h.target("a/up-a")["state"] == "half_open"
         assert served_by(h, 1) == ["a"]
-        checker.stop()
+        h.checks.stopService()
+        h.tick(10)
+        assert [r["path"] for r in h.seen("a")].count("/v1/models") == 2  # no more checks
 
 
 class SlotTests(SynchronousTestCase):

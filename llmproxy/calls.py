@@ -1,0 +1,83 @@
+"""
+The request, in the forms it takes on its way through the proxy.  Each is
+frozen and complete when built; none has an optional field waiting to be
+filled in later.
+
+* :class:`ClientRequest`: what the HTTP layer parsed;
+* :class:`ModelCall`: a model call that admission let through (its body parsed,
+  model resolved, key authorised, cache controls read);
+* :class:`ResponseObjectCall`: a call on a stored Responses API object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from llmproxy.auth import Principal
+from llmproxy.body import rewrite_body
+from llmproxy.config import Model, Target
+
+
+@attrs.frozen
+class ClientRequest:
+    """One client request, as the HTTP layer parsed it."""
+
+    #: What is asked for: ``chat/completions``, ``responses``, ``responses/get``...
+    endpoint: str
+    method: str
+    #: The upstream path after ``base_url``, e.g. ``/responses/resp_1/cancel``.
+    path: str
+    #: Lower-cased names, first values.
+    headers: Mapping[str, str]
+    request_id: str
+    query: bytes = b""
+    body: bytes = b""
+
+
+@attrs.frozen
+class CacheControl:
+    """What a request asks of the cache (``Cache-Control`` and the body's ``cache``)."""
+
+    lookup: bool = True
+    store: bool = True
+    ttl: float | None = None
+
+
+@attrs.frozen
+class ModelCall:
+    """A model call (chat, completions, embeddings, responses), admitted."""
+
+    request: ClientRequest
+    payload: Mapping[str, Any]
+    model: Model
+    principal: Principal
+    controls: CacheControl
+    #: The target that made ``previous_response_id``, which must serve this call.
+    pinned: Target | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return self.request.endpoint
+
+    def body_for(self, target: Target) -> bytes:
+        """The body as ``target`` gets it: its model name, no proxy-only ``cache`` field."""
+        return rewrite_body(self.request.body, target.model or None)
+
+
+@attrs.frozen
+class ResponseObjectCall:
+    """``GET``/``DELETE /responses/{id}``, ``/cancel`` or ``/input_items``."""
+
+    request: ClientRequest
+    response_id: str
+    principal: Principal
+
+    @property
+    def endpoint(self) -> str:
+        return self.request.endpoint
+
+    def body_for(self, target: Target) -> None:
+        return None

@@ -1,0 +1,214 @@
+"""
+Writing one answer to a client sink: a live upstream answer (a whole body, or
+a stream event by event with backpressure), an upstream error passed through,
+or a cached entry replayed.
+
+A stream is relayed one whole event at a time, so an error event appended
+after a cut never lands inside a half-written one: after the first byte
+nothing is retried, and the client sees the cut as an SSE ``error`` event and
+no ``[DONE]``.  While an answer goes by it is inspected (usage, response ids)
+and, when the cache wants it, recorded; response ids are remembered before
+the client can ask about them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import attrs
+from twisted.internet.defer import Deferred
+
+from llmproxy import errors
+from llmproxy.answers import Inspector, error_of, worth_storing
+from llmproxy.auth import Principal
+from llmproxy.cache.entry import Entry, Recording
+from llmproxy.cache.store import Uncacheable
+from llmproxy.calls import ClientRequest
+from llmproxy.config import Target
+from llmproxy.failures import Kind, UpstreamFailure
+from llmproxy.routing.affinity import AffinityStore, Pin
+from llmproxy.sink import ClientSink
+from llmproxy.sse import Event, SSEParser
+from llmproxy.upstream.exchange import Exchange
+
+SSE_HEADERS = {
+    "content-type": "text/event-stream; charset=utf-8",
+    "cache-control": "no-cache",
+    "x-accel-buffering": "no",
+}
+
+
+class Relayable(Protocol):
+    """What the relay needs of a call."""
+
+    @property
+    def request(self) -> ClientRequest: ...
+
+    @property
+    def principal(self) -> Principal: ...
+
+
+@attrs.frozen
+class Relayed:
+    """How a relayed answer ended."""
+
+    #: What to store (only when recording, and the answer is complete and whole).
+    entry: Entry | None = None
+    #: Why nothing is to be stored, when recording.
+    skipped: Uncacheable | None = None
+    #: What cut the answer after its headers.
+    broke: UpstreamFailure | None = None
+
+
+def served_by(sink: ClientSink, upstream: str) -> None:
+    """Tell the client which upstream answered (or was tried last)."""
+    sink.header("x-llmproxy-upstream", upstream)
+
+
+class Relay:
+    def __init__(self, affinity: AffinityStore, max_record: int) -> None:
+        #: Where response ids are remembered with the target that made them.
+        self.affinity = affinity
+        #: Answers larger than this are not recorded (nor stored).
+        self.max_record = max_record
+
+    async def answer(
+        self,
+        call: Relayable,
+        exchange: Exchange,
+        data: bytes,
+        sink: ClientSink,
+        inspector: Inspector,
+        record: bool,
+    ) -> Relayed:
+        """A whole body, already read."""
+        inspector.body(data)
+        # Remembered before the client can see the id and ask about it.
+        await self._remember(call, inspector, exchange.target)
+        headers = exchange.client_headers()
+        inspector.answered = True
+        sink.start(exchange.status, headers)
+        sink.write(data)
+        if not record:
+            return Relayed()
+        if exchange.status != 200 or not worth_storing(call.request.endpoint, data):
+            return Relayed(skipped=Uncacheable.INCOMPLETE)
+        if len(data) > self.max_record:
+            return Relayed(skipped=Uncacheable.TOO_LARGE)
+        content_type = headers.get("content-type", "application/json")
+        return Relayed(entry=Entry(200, content_type, data, False, exchange.target.upstream))
+
+    async def stream(
+        self,
+        call: Relayable,
+        exchange: Exchange,
+        sink: ClientSink,
+        inspector: Inspector,
+        record: bool,
+    ) -> Relayed:
+        """An event stream, relayed as it arrives."""
+        recording = Recording(self.max_record) if record else None
+        remembering: list[Deferred[None]] = []
+
+        def on_event(event: Event) -> None:
+            inspector.event(event)
+            if inspector.response_ids:
+                remembering.append(
+                    Deferred.fromCoroutine(self._remember(call, inspector, exchange.target))
+                )
+            if recording is not None and inspector.uncacheable is None:
+                recording.add(event.raw)
+            sink.write(event.raw)
+
+        inspector.answered = True
+        sink.start(exchange.status, SSE_HEADERS)
+        broke = await self._pump(exchange, sink, on_event)
+        for pending in remembering:
+            await pending
+        if broke is None:
+            tail = exchange.rest()
+            if tail:
+                sink.write(tail)
+            if inspector.terminal is None:
+                broke = UpstreamFailure(
+                    Kind.CUT, "the upstream ended the stream before it finished"
+                )
+        if broke is not None:
+            sink.write(broke.to_api_error().sse_event())
+            return Relayed(broke=broke)
+        if recording is None:
+            return Relayed()
+        skipped = inspector.uncacheable or (Uncacheable.TOO_LARGE if recording.too_large else None)
+        if skipped is None and sink.gone:
+            skipped = Uncacheable.CLIENT_GONE
+        if skipped is None and not inspector.complete:
+            skipped = Uncacheable.INCOMPLETE
+        if skipped is not None:
+            return Relayed(skipped=skipped)
+        entry = Entry(
+            200, SSE_HEADERS["content-type"], recording.body(), True, exchange.target.upstream
+        )
+        return Relayed(entry=entry)
+
+    async def _pump(
+        self, exchange: Exchange, sink: ClientSink, on_event: Callable[[Event], None]
+    ) -> UpstreamFailure | None:
+        """Relay the body with backpressure; the failure that cut it, if any."""
+        done = exchange.stream(on_event)
+        assert exchange.producer is not None
+        sink.register_producer(exchange.producer)
+        try:
+            await done  # a cancellation propagates: the caller closes the exchange
+        except UpstreamFailure as failure:
+            return failure
+        finally:
+            if not sink.gone:
+                sink.unregister_producer()
+        return None
+
+    async def _remember(self, call: Relayable, inspector: Inspector, target: Target) -> None:
+        for response_id in inspector.take_response_ids():
+            await self.affinity.remember(response_id, Pin(target, call.principal.name))
+
+
+def pass_error(failure: UpstreamFailure, sink: ClientSink) -> None:
+    """
+    The last upstream HTTP error goes to the client with its status and, when
+    it is an OpenAI-shaped JSON error, its body as it came (redacted).
+    Anything else (an HTML page from a load balancer, an empty body) is
+    wrapped, so a client always gets the OpenAI error shape.
+    """
+    assert failure.status is not None
+    headers = {"content-type": "application/json"}
+    if failure.headers is not None:
+        for name in ("retry-after", "retry-after-ms"):
+            value = failure.headers.getRawHeaders(name)
+            if value:
+                headers[name] = value[0]
+    body = failure.body
+    if not isinstance(error_of(body), dict | str):
+        body = errors.APIError(
+            failure.status,
+            f"The upstream answered HTTP {failure.status}",
+            type="upstream_error",
+            code="upstream_error",
+        ).body()
+    elif failure.headers is not None:
+        value = failure.headers.getRawHeaders("content-type")
+        if value:
+            headers["content-type"] = value[0]
+    sink.start(failure.status, headers)
+    sink.write(body)
+
+
+def replay(entry: Entry, sink: ClientSink) -> None:
+    """A cached answer, with the headers it had (a stream event by event)."""
+    served_by(sink, entry.upstream)
+    if entry.stream:
+        sink.start(entry.status, SSE_HEADERS)
+        for event in SSEParser().feed(entry.body):
+            sink.write(event.raw)
+    else:
+        sink.start(entry.status, {"content-type": entry.content_type})
+        sink.write(entry.body)
