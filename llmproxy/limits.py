@@ -140,11 +140,13 @@ class RedisLimiter:
         self, kind: str, name: str, limit: int, amount: int, now: float
     ) -> tuple[bool, float, float]:
         weight = 1.0 - (now - window_start(now)) / WINDOW
+        # repr() is the shortest text that reads back as the same double in Lua,
+        # so the script does the memory limiter's arithmetic to the last bit.
         row = await self.redis.call(
             "eval",
             _TAKE,
             self._keys(kind, name, now),
-            [limit, f"{weight:.6f}", amount, int(WINDOW * 2 + 5)],
+            [limit, repr(weight), amount, int(WINDOW * 2 + 5)],
         )
         admitted, current, previous = (float(v) for v in row)
         return bool(admitted), previous, current
