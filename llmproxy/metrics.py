@@ -1,19 +1,32 @@
 """
-What happened, for /stats (JSON) and /metrics (Prometheus text format).
+What happened, for /metrics (Prometheus text format) and /stats (JSON).
 
 One :class:`Metrics` per gateway, with its own ``CollectorRegistry`` so tests
-and several gateways in one process never share counters.
+and several gateways in one process never share counters.  Every number is
+kept once, in Prometheus's collectors; /stats is read back from them.
+Gauges of state that lives elsewhere (the cache's counters, the targets) are
+read from their owners when the registry is scraped.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client import Counter as PromCounter
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.samples import Sample
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+def _samples(collector: MetricWrapperBase, suffix: str) -> Iterator[Sample]:
+    """The samples of one family whose name ends with ``suffix`` (``_total``, ``_sum``...)."""
+    for family in collector.collect():
+        for sample in family.samples:
+            if sample.name.endswith(suffix):
+                yield sample
 
 
 class Metrics:
@@ -44,33 +57,24 @@ class Metrics:
             ["model", "key"],
             registry=self.registry,
         )
+        #: Client requests in progress: read from the Site (``set_function``).
         self.inflight = Gauge(
             "llmproxy_inflight_requests", "Client requests in progress", registry=self.registry
         )
-        self.requests: Counter[str] = Counter()
-        self.attempts: Counter[str] = Counter()
-        self.tokens_total = 0
-        self.ttfb_sum: dict[str, float] = {}
-        self.ttfb_count: Counter[str] = Counter()
         self._collectors: list[Callable[[], None]] = []
 
     def request(self, endpoint: str, status: int) -> None:
         self._requests.labels(endpoint, str(status)).inc()
-        self.requests[str(status)] += 1
 
     def attempt(self, upstream: str, outcome: str, ttfb: float | None = None) -> None:
         """One upstream attempt: ``ok`` (with its time to headers) or a failure's label."""
         self._attempts.labels(upstream, outcome).inc()
-        self.attempts[f"{upstream}:{outcome}"] += 1
         if ttfb is not None:
             self._ttfb.labels(upstream).observe(ttfb)
-            self.ttfb_sum[upstream] = self.ttfb_sum.get(upstream, 0.0) + ttfb
-            self.ttfb_count[upstream] += 1
 
     def tokens(self, model: str, key: str, count: int) -> None:
         if count > 0:
             self._tokens.labels(model, key).inc(count)
-            self.tokens_total += count
 
     def add_gauges(
         self, name: str, doc: str, read: Callable[[], Mapping[str, float]], label: str = "name"
@@ -90,11 +94,23 @@ class Metrics:
         return generate_latest(self.registry)
 
     def snapshot(self) -> dict[str, object]:
+        """The counters' part of /stats, read back from the collectors."""
+        by_status: Counter[str] = Counter()
+        for sample in _samples(self._requests, "_total"):
+            by_status[sample.labels["status"]] += int(sample.value)
+        attempts = {
+            f"{s.labels['upstream']}:{s.labels['outcome']}": int(s.value)
+            for s in _samples(self._attempts, "_total")
+        }
+        ttfb_sum = {s.labels["upstream"]: s.value for s in _samples(self._ttfb, "_sum")}
+        ttfb_avg = {
+            s.labels["upstream"]: round(ttfb_sum[s.labels["upstream"]] / s.value, 6)
+            for s in _samples(self._ttfb, "_count")
+            if s.value
+        }
         return {
-            "requests": {"total": sum(self.requests.values()), "by_status": dict(self.requests)},
-            "upstream_attempts": dict(self.attempts),
-            "ttfb_avg_seconds": {
-                u: round(self.ttfb_sum[u] / n, 6) for u, n in self.ttfb_count.items() if n
-            },
-            "tokens": self.tokens_total,
+            "requests": {"total": sum(by_status.values()), "by_status": dict(by_status)},
+            "upstream_attempts": attempts,
+            "ttfb_avg_seconds": ttfb_avg,
+            "tokens": int(sum(s.value for s in _samples(self._tokens, "_total"))),
         }
