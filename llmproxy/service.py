@@ -16,6 +16,8 @@ finishes while Redis and the upstream pools are still there.
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 from twisted.application import strports
 from twisted.application.internet import TimerService
@@ -215,7 +217,8 @@ class HTTPService(MultiService):
             self.log.warn("some client connections did not close in time")
 
 
-def build_service(config: Config, reactor: IReactorTime, listen: tuple[str, ...]) -> MultiService:
+def build_service(config: Config, reactor: Any, listen: tuple[str, ...]) -> MultiService:
+    """The named tree of a proxy process (``reactor``: the global one, from makeService)."""
     top = GatewayService()
     redis = None
     if config.redis is not None:

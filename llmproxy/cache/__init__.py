@@ -1,11 +1,14 @@
 """
-The response cache: keys, controls, stored entries, and the backends behind
-one small interface (:class:`CacheBackend`).
+The response cache.
 
-The pipeline asks :class:`ResponseCache` for a lookup before routing and hands
-it a finished answer afterwards; what is stored is decided here (only complete
-200 answers; streams only after their terminal event).  Backends store opaque
-bytes under a key with a TTL, so memory and Redis behave the same.
+* :mod:`~llmproxy.cache.store`: :class:`ResponseCache`, what the pipeline talks
+  to: one decision per call, lookups, and the rules of what is stored; the
+  :class:`CacheBackend` interface;
+* :mod:`~llmproxy.cache.keys`: keys, and the controls a request sends;
+* :mod:`~llmproxy.cache.entry`: a stored answer, and its recording;
+* :mod:`~llmproxy.cache.flight`: single-flight;
+* :mod:`~llmproxy.cache.memory`, :mod:`~llmproxy.cache.redis`: the backends,
+  which store opaque bytes under a key with a TTL, so both behave the same.
 """
 
 from llmproxy.cache.entry import Entry

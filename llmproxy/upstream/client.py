@@ -24,7 +24,7 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.interfaces import IConsumer, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IConsumer, IStreamClientEndpoint
 from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer
@@ -67,6 +67,8 @@ class UpstreamEndpoints:
     """
 
     def __init__(self, reactor: Any, connect_timeout: float) -> None:
+        # Any: the endpoints need IReactorTCP and IReactorTime at once, which
+        # zope interfaces cannot say; Twisted's own HostnameEndpoint takes Any.
         self.reactor = reactor
         self.timeout = connect_timeout
         self.tls = BrowserLikePolicyForHTTPS()
@@ -124,7 +126,7 @@ def upstream_client(agent: IAgent) -> HTTPClient:
 class UpstreamPools(Service):
     """One connection pool and client per upstream; the pools close when the service stops."""
 
-    def __init__(self, reactor: IReactorTime, upstreams: Mapping[str, Upstream]) -> None:
+    def __init__(self, reactor: Any, upstreams: Mapping[str, Upstream]) -> None:
         self.pools: dict[str, HTTPConnectionPool] = {}
         self.clients: dict[str, UpstreamClient] = {}
         for name, upstream in upstreams.items():

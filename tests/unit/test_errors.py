@@ -1,4 +1,4 @@
-"""One test per row of the DESIGN.md error table: OpenAI-shaped, always JSON."""
+"""One test per row of the error table: OpenAI-shaped, always JSON."""
 
 from __future__ import annotations
 
