@@ -140,7 +140,25 @@ class Process:
         return self.proc.returncode
 
 
-class Mock:
+class Server:
+    """A process serving HTTP on a loopback port."""
+
+    port: int
+    process: Process
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def stop(self) -> int | None:
+        return self.process.stop()
+
+
+class Mock(Server):
     """A ``twistd -n llmproxy-mock`` process and its HTTP control surface."""
 
     def __init__(
@@ -160,14 +178,6 @@ class Mock:
             args += ["--api-key", api_key]
         self.process = Process(args, workdir / f"mock-{name}.log", cwd=workdir)
         self.process.wait_listening(self.port, f"mock {name}", timeout)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def base_url(self) -> str:
-        return f"{self.url}/v1"
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
@@ -195,11 +205,8 @@ class Mock:
         found: list[dict[str, Any]] = self.call("GET", "/_mock/requests")
         return found
 
-    def stop(self) -> None:
-        self.process.stop()
 
-
-class Proxy:
+class Proxy(Server):
     """A ``twistd -n llmproxy`` process on a free port with a given config."""
 
     def __init__(
@@ -223,19 +230,8 @@ class Proxy:
         self.process = Process(args, workdir / f"{name}.log", env=env, cwd=workdir)
         self.process.wait_listening(self.port, "llmproxy", timeout)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def base_url(self) -> str:
-        return f"{self.url}/v1"
-
     def rss_kib(self) -> int:
         return proc_status(self.process.pid)["VmRSS"]
-
-    def stop(self) -> int | None:
-        return self.process.stop()
 
 
 def upstream_block(mocks: list[Mock], api_key: str | None = None, extra: str = "") -> str:
