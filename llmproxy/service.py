@@ -44,7 +44,7 @@ from llmproxy.redisclient import SharedRedis
 from llmproxy.relay import Relay
 from llmproxy.responses import Responses
 from llmproxy.routing.affinity import AffinityStore, MemoryAffinity, RedisAffinity
-from llmproxy.routing.checks import ActiveChecks, check_service
+from llmproxy.routing.checks import ActiveChecks, CheckService
 from llmproxy.routing.health import HealthStore, LocalHealth, RedisHealth
 from llmproxy.routing.router import Router
 from llmproxy.site import GatewaySite, InFlight
@@ -123,7 +123,7 @@ def build_gateway(
     if config.routing.health_checks is not None:
         settings = config.routing.health_checks
         active = ActiveChecks(router, forwarder, config.upstreams, settings.timeout)
-        checks = check_service(reactor, active, settings.interval)
+        checks = CheckService(reactor, active, settings.interval)
     return Assembly(site, checks)
 
 
@@ -164,18 +164,19 @@ class HTTPService(MultiService):
 
     def __init__(
         self,
-        reactor: IReactorTime,
+        reactor: Any,
         listen: tuple[str, ...],
         site: GatewaySite,
         drain_seconds: float,
     ) -> None:
         super().__init__()
+        # Any: the ports need IReactorCore and the drain IReactorTime, at once.
         self.reactor = reactor
         self.listen = listen
         self.site = site
         self.drain_seconds = drain_seconds
         for description in listen:
-            strports.service(description, site).setServiceParent(self)
+            strports.service(description, site, reactor).setServiceParent(self)
 
     def privilegedStartService(self) -> None:
         """

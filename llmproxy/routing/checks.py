@@ -14,6 +14,7 @@ from twisted.application.internet import TimerService
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from llmproxy.routing.router import Router
 
@@ -34,6 +35,17 @@ class ActiveChecks:
         self.prober = prober
         self.upstreams = tuple(upstreams)
         self.timeout = timeout
+        self._round: Deferred[None] | None = None
+
+    def run(self) -> Deferred[None]:
+        """One round of checks, which :meth:`cancel` can cut short."""
+        self._round = Deferred.fromCoroutine(self.check_all())
+        return self._round.addErrback(_cut_short)
+
+    def cancel(self) -> None:
+        """Stop the round under way: shutting down need not wait for its timeouts."""
+        if self._round is not None and not self._round.called:
+            self._round.cancel()
 
     async def check_all(self) -> None:
         """Check every upstream once, one after the other."""
@@ -48,8 +60,19 @@ class ActiveChecks:
             await self.router.checked(name, ok)
 
 
-def check_service(reactor: IReactorTime, checks: ActiveChecks, interval: float) -> TimerService:
+def _cut_short(failure: Failure) -> None:
+    failure.trap(CancelledError)
+
+
+class CheckService(TimerService):
     """The checks every ``interval`` seconds, the first as the service starts."""
-    service = TimerService(interval, lambda: Deferred.fromCoroutine(checks.check_all()))
-    service.clock = reactor
-    return service
+
+    def __init__(self, reactor: IReactorTime, checks: ActiveChecks, interval: float) -> None:
+        super().__init__(interval, checks.run)
+        self.clock = reactor
+        self.checks = checks
+
+    def stopService(self) -> Deferred[None]:
+        # TimerService waits for the round under way; cut it short first.
+        self.checks.cancel()
+        return super().stopService()

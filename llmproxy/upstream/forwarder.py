@@ -95,11 +95,11 @@ class Forwarder:
         url = upstream.base_url + request.path
         if request.query:
             url += "?" + request.query.decode("ascii")
-        deadline = self.reactor.seconds() + upstream.timeouts.total
-        slot = await self._slot(upstream)
         headers = self.build_headers(
             upstream, request.headers, request.request_id, body is not None
         )
+        deadline = self.reactor.seconds() + upstream.timeouts.total
+        slot = await self._slot(upstream)
         try:
             response = await self._send(upstream, request.method, url, headers, body, deadline)
         except BaseException:
@@ -189,12 +189,25 @@ class Forwarder:
             unbuffered=True,
             allow_redirects=False,
         )
+        timed_out = False
+
+        def expire() -> None:
+            nonlocal timed_out
+            timed_out = True
+            request.cancel()
+
+        timer = self.reactor.callLater(timeout, expire)
         try:
-            response = await request.addTimeout(timeout, self.reactor)
-        except CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 - any failure means "not healthy"
+            response = await request
+        except Exception as e:  # noqa: BLE001 - any failure but a cancel means "not healthy"
+            # Cancelling an Agent request errbacks with ResponseNeverReceived
+            # wrapping CancelledError, whether we timed out or the check was stopped.
+            if _cancelled(e) and not timed_out:
+                raise CancelledError() from None
             return False
+        finally:
+            if timer.active():
+                timer.cancel()
         discard(response)
         return bool(200 <= response.code < 300)
 

@@ -6,8 +6,7 @@ from collections import Counter
 from typing import Any
 
 import treq
-from twisted.internet import error as ierror
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
@@ -19,7 +18,7 @@ from llmproxy.routing.balancing import LeastBusy, RoundRobin
 from llmproxy.routing.health import LocalHealth
 from llmproxy.routing.plan import Attempt, Plan
 from llmproxy.routing.router import Router
-from tests.harness import Harness, chat, config_text, events, hang_up, router, run, three
+from tests.harness import Harness, Refused, chat, config_text, events, hang_up, router, run, three
 
 
 def take(plan: Plan) -> Attempt:
@@ -73,18 +72,14 @@ def one_slot(text: str) -> str:
     return text.replace("api_key: ka\n", "api_key: ka\n    max_connections: 1\n")
 
 
-class Refused:
-    def request(self, method: str, url: str, **kwargs: Any) -> Any:
-        return fail(ierror.ConnectionRefusedError("refused"))
-
-
-def served_by(h: Harness, count: int, **body: Any) -> list[str]:
+def served_by(h: Harness, count: int, **body: Any) -> list[str | None]:
+    """Which upstream answered each of ``count`` chat requests."""
     out = []
     for i in range(count):
         answer = h.request("POST", "/v1/chat/completions", chat(f"q{i}", **body))
         assert answer.code == 200, answer.body
         out.append(answer.header("x-llmproxy-upstream"))
-    return out  # type: ignore[return-value]
+    return out
 
 
 class BrokenStream:
@@ -504,6 +499,34 @@ class HealthCheckTests(SynchronousTestCase):
         h.checks.stopService()
         h.tick(10)
         assert [r["path"] for r in h.seen("a")].count("/v1/models") == 2  # no more checks
+
+    def test_a_check_that_times_out_counts_against_the_upstream(self) -> None:
+        h = gateway(
+            "priority",
+            extra="routing: {cooldown: {failures: 1, seconds: 300},"
+            " health_checks: {interval: 60, timeout: 5}}\n",
+        )
+        h.mocks["a"].config = {"hang": True}
+        assert h.checks is not None
+        h.checks.startService()
+        h.pump()
+        assert h.target("a/up-a")["state"] == "healthy"
+        h.tick(5)
+        assert h.target("a/up-a")["state"] == "cooling_down"
+        assert len(h.seen("b")) == 1  # and the round went on to the next upstream
+        h.checks.stopService()
+
+    def test_stopping_does_not_wait_for_a_check_under_way(self) -> None:
+        h = gateway("priority", extra="routing: {health_checks: {interval: 10, timeout: 5}}\n")
+        h.mocks["a"].config = {"hang": True}
+        assert h.checks is not None
+        h.checks.startService()
+        h.pump()
+        stopped = h.checks.stopService()
+        h.pump()
+        self.successResultOf(stopped)  # at once, not after the check's 5s timeout
+        h.tick(5)
+        assert h.seen("b") == []  # the round was cut short, not carried on
 
 
 class SlotTests(SynchronousTestCase):
