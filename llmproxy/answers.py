@@ -17,7 +17,7 @@ import re
 import attrs
 from twisted.web.http_headers import Headers
 
-from llmproxy.cache.store import Uncacheable
+from llmproxy.cache.entry import Uncacheable
 from llmproxy.sse import Event
 
 #: Stream events after which nothing more is due (the Responses API's).

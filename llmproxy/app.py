@@ -27,8 +27,7 @@ from llmproxy.calls import ClientRequest
 from llmproxy.operations import Operations
 from llmproxy.pipeline import Pipeline
 from llmproxy.responses import Responses
-from llmproxy.sink import RequestSink, set_status
-from llmproxy.site import GatewayRequest
+from llmproxy.site import GatewayRequest, RequestSink, set_status
 
 Handler = Callable[..., Awaitable[Any]]
 
@@ -44,9 +43,10 @@ def route(
 
     def register(handler: Handler) -> Handler:
         @wraps(handler)
-        async def labelled(self: Any, request: GatewayRequest, *args: Any, **kwargs: Any) -> Any:
-            request.endpoint = endpoint
-            return await handler(self, request, *args, **kwargs)
+        async def labelled(self: Any, request: IRequest, *args: Any, **kwargs: Any) -> Any:
+            ours = _gateway(request)
+            ours.endpoint = endpoint
+            return await handler(self, ours, *args, **kwargs)
 
         name = endpoint.replace("/", "_")
         if v1:
@@ -59,7 +59,8 @@ def route(
 
 def _gateway(request: IRequest) -> GatewayRequest:
     """The request as GatewaySite made it (Klein hands handlers the interface)."""
-    assert isinstance(request, GatewayRequest), "serve the gateway with GatewaySite"
+    if not isinstance(request, GatewayRequest):
+        raise TypeError("the gateway is served by llmproxy.site.GatewaySite, not a plain Site")
     return request
 
 

@@ -7,8 +7,10 @@ A stream is relayed one whole event at a time, so an error event appended
 after a cut never lands inside a half-written one: after the first byte
 nothing is retried, and the client sees the cut as an SSE ``error`` event and
 no ``[DONE]``.  While an answer goes by it is inspected (usage, response ids)
-and, when the cache wants it, recorded; response ids are remembered before
-the client can ask about them.
+and, when the cache wants it, recorded.  The response ids it hands out are
+remembered with the target that made them: a whole body's before the client
+gets it; a stream's as its event goes by (at once in this process; in Redis,
+for the rest of a fleet, a round trip later).
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ from typing import Protocol
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
 from llmproxy import errors
 from llmproxy.answers import Inspector, error_of, worth_storing
 from llmproxy.auth import Principal
-from llmproxy.cache.entry import Entry, Recording
-from llmproxy.cache.store import Uncacheable
+from llmproxy.cache.entry import Entry, Recording, Uncacheable
 from llmproxy.calls import ClientRequest
 from llmproxy.config import Target
 from llmproxy.failures import Kind, UpstreamFailure
@@ -67,6 +69,8 @@ def served_by(sink: ClientSink, upstream: str) -> None:
 
 
 class Relay:
+    log = Logger()
+
     def __init__(self, affinity: AffinityStore, max_record: int) -> None:
         #: Where response ids are remembered with the target that made them.
         self.affinity = affinity
@@ -114,9 +118,7 @@ class Relay:
         def on_event(event: Event) -> None:
             inspector.event(event)
             if inspector.response_ids:
-                remembering.append(
-                    Deferred.fromCoroutine(self._remember(call, inspector, exchange.target))
-                )
+                remembering.append(self._remember_soon(call, inspector, exchange.target))
             if recording is not None and inspector.uncacheable is None:
                 recording.add(event.raw)
             sink.write(event.raw)
@@ -166,6 +168,14 @@ class Relay:
             if not sink.gone:
                 sink.unregister_producer()
         return None
+
+    def _remember_soon(
+        self, call: Relayable, inspector: Inspector, target: Target
+    ) -> Deferred[None]:
+        """Remember while the stream goes on; a failure is logged, never left unhandled."""
+        remembering = Deferred.fromCoroutine(self._remember(call, inspector, target))
+        remembering.addErrback(lambda f: self.log.failure("remembering a response id failed", f))
+        return remembering
 
     async def _remember(self, call: Relayable, inspector: Inspector, target: Target) -> None:
         for response_id in inspector.take_response_ids():

@@ -35,10 +35,6 @@ class Responses:
         self.router = router
         self.attempts = attempts
 
-    async def remember(self, response_id: str, target: Target, owner: str) -> None:
-        """``target`` made ``response_id`` for the key named ``owner``."""
-        await self.affinity.remember(response_id, Pin(target, owner))
-
     async def handle(self, request: ClientRequest, response_id: str, sink: ClientSink) -> None:
         """A call on a stored response: to the target that made it."""
         principal = self.auth.authenticate(bearer_token(request.headers))

@@ -14,6 +14,9 @@ every request, whatever route it takes.
   chunked body is counted as it arrives and refused the moment it crosses the
   limit.  Either way the connection is closed after the answer.
 * ``X-Forwarded-For``, honoured only when the peer is a trusted proxy.
+
+:class:`RequestSink` is what answers are written to: a request as a
+:class:`~llmproxy.sink.ClientSink`.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ import ipaddress
 import re
 import uuid
 from collections.abc import Mapping
+from http import HTTPStatus
 from typing import Any, Protocol
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource
@@ -216,3 +221,53 @@ class GatewaySite(Site):
         for channel in list(self.channels):
             channel.loseConnection()
         return DeferredList(waiting)
+
+
+def set_status(request: Request, status: int) -> None:
+    """Set the status with its standard reason phrase (twisted.web lacks some, e.g. 429)."""
+    try:
+        phrase = HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        phrase = None  # a non-standard upstream status, e.g. 529: twisted.web's default
+    request.setResponseCode(status, phrase)
+
+
+class RequestSink:
+    """A :class:`~llmproxy.sink.ClientSink` over a twisted.web request."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self._gone = False
+        request.notifyFinish().addErrback(self._lost)
+
+    def _lost(self, reason: Failure) -> None:
+        self._gone = True
+
+    @property
+    def gone(self) -> bool:
+        return self._gone
+
+    def header(self, name: str, value: str) -> None:
+        self.request.setHeader(name, value)
+
+    def start(self, status: int, headers: Mapping[str, str]) -> None:
+        set_status(self.request, status)
+        for name, value in headers.items():
+            self.request.setHeader(name, value)
+
+    def write(self, data: bytes) -> None:
+        if not self._gone:
+            self.request.write(data)
+
+    def register_producer(self, producer: IPushProducer) -> None:
+        if not self._gone:
+            self.request.registerProducer(producer, True)
+
+    def unregister_producer(self) -> None:
+        if not self._gone:
+            self.request.unregisterProducer()
+
+    def abort(self) -> None:
+        transport = self.request.channel.transport if self.request.channel else None
+        if transport is not None and not self._gone:
+            transport.abortConnection()  # type: ignore[attr-defined]

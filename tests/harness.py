@@ -17,8 +17,9 @@ from typing import Any, TypeVar
 import treq
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
+from twisted.internet import error as ierror
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IProtocol, IStreamClientEndpoint
 from twisted.internet.task import Clock
@@ -163,6 +164,13 @@ class SiteAgent:
             pump.flush()
             if pump.clientIO.disconnected and pump.serverIO.disconnected:
                 self._pumps.remove(pump)
+
+
+class Refused:
+    """An upstream client whose every connection is refused."""
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Deferred[Any]:
+        return fail(ierror.ConnectionRefusedError("refused"))
 
 
 class Answer:

@@ -1,13 +1,30 @@
 """
-A stored answer, serialised to bytes so every backend stores the same thing,
-and the :class:`Recording` an answer is kept in while it is relayed.
+A stored answer, serialised to bytes so every backend stores the same thing;
+the :class:`Recording` an answer is kept in while it is relayed; and why an
+answer was not stored (:class:`Uncacheable`).
 """
 
 from __future__ import annotations
 
+import enum
 import json
 
 import attrs
+
+
+class Uncacheable(enum.Enum):
+    """Why an answer was not stored.  The values are the keys of ``/stats`` cache.skipped."""
+
+    #: An error status, or an answer that did not complete (no terminal event).
+    INCOMPLETE = "incomplete_or_error"
+    #: A stream that carried an error event.
+    ERROR_EVENT = "error_event"
+    #: Cut short by the token limit (``finish_reason: length``).
+    TRUNCATED = "truncated"
+    #: Larger than what is recorded for the cache.
+    TOO_LARGE = "too_large"
+    #: Nobody was there to receive the end of it.
+    CLIENT_GONE = "client_gone"
 
 
 @attrs.frozen

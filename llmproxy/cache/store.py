@@ -4,7 +4,8 @@ it looked up, is it stored, under which key), the verdict the answer carries
 in ``x-llmproxy-cache``, and the rules of what is stored: only complete 200
 answers, a stream only after its terminal event, and only if its client was
 still there.  A backend failure is a miss (or a skipped store), never a failed
-request.  The counters are written here and nowhere else.
+request.  The cache's counters are written here (and the coalesced requests
+by :class:`~llmproxy.cache.flight.Flights`), and nowhere else.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 
 from llmproxy import config, errors
-from llmproxy.cache.entry import Entry
+from llmproxy.cache.entry import Entry, Uncacheable
 from llmproxy.cache.flight import Flights
 from llmproxy.cache.keys import cache_key
 from llmproxy.calls import ModelCall
@@ -30,21 +31,6 @@ CACHEABLE = frozenset({"chat/completions", "completions", "embeddings", "respons
 #: Answers larger than this are never recorded: neither stored nor replayed to
 #: late single-flight joiners (the memory backend also bounds it by max_bytes).
 MAX_RECORD = 16 * 1024 * 1024
-
-
-class Uncacheable(enum.Enum):
-    """Why an answer was not stored.  The values are the keys of ``/stats`` cache.skipped."""
-
-    #: An error status, or an answer that did not complete (no terminal event).
-    INCOMPLETE = "incomplete_or_error"
-    #: A stream that carried an error event.
-    ERROR_EVENT = "error_event"
-    #: Cut short by the token limit (``finish_reason: length``).
-    TRUNCATED = "truncated"
-    #: Larger than what is recorded for the cache.
-    TOO_LARGE = "too_large"
-    #: Nobody was there to receive the end of it.
-    CLIENT_GONE = "client_gone"
 
 
 class Verdict(enum.Enum):

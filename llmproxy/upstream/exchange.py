@@ -9,8 +9,8 @@ closes the upstream connection.  Two timeouts apply from here on:
 * ``idle``: the longest silence between two body chunks while we are reading;
 * ``total``: the whole exchange, headers included (the deadline it was given).
 
-Every byte an :class:`Exchange` hands on, a whole body or a stream event, has
-passed the redactor.  Closing an exchange gives its connection slot back,
+Every byte an :class:`Exchange` hands on for a client (a whole body, a stream
+event's raw bytes) has passed the redactor.  Closing an exchange gives its connection slot back,
 exactly once, whatever state it is in.
 """
 

@@ -6,7 +6,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
 from llmproxy.answers import Inspector, is_event_stream, worth_storing
-from llmproxy.cache.store import Uncacheable
+from llmproxy.cache.entry import Uncacheable
 from llmproxy.sse import parse_event
 
 

@@ -9,7 +9,7 @@ from twisted.internet import error as ierror
 from twisted.internet.defer import fail
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.harness import Answer, Harness, chat, config_text
+from tests.harness import Answer, Harness, Refused, chat, config_text
 
 KEYS = """
 auth:
@@ -35,15 +35,6 @@ def assert_openai_error(answer: Answer, status: int, code: str | None = None) ->
     assert answer.header("x-request-id")
     assert answer.header("x-llmproxy-cache") in ("bypass", "miss", "off")
     return error
-
-
-def refusing(*args: Any, **kwargs: Any) -> Any:
-    return fail(ierror.ConnectionRefusedError("refused"))
-
-
-class Refused:
-    def request(self, method: str, url: str, **kwargs: Any) -> Any:
-        return refusing()
 
 
 class ConnectTimeout:

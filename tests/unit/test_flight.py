@@ -9,25 +9,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from twisted.internet import error as ierror
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from llmproxy.cache.flight import Flight
-from tests.harness import Harness, chat, config_text, events, hang_up
+from tests.harness import Harness, Refused, chat, config_text, events, hang_up
 
 
 def start_many(h: Harness, body: Any, count: int) -> list[Deferred[IResponse]]:
     """``count`` identical chat requests, all sent before any is answered."""
     return [h.start("POST", "/v1/chat/completions", body) for _ in range(count)]
-
-
-class Refused:
-    def request(self, method: str, url: str, **kwargs: Any) -> Any:
-        return fail(ierror.ConnectionRefusedError("refused"))
 
 
 class GatewayFlightTests(SynchronousTestCase):
