@@ -157,7 +157,6 @@ class FlightTests(SynchronousTestCase):
         fast, slow = Sink(), Sink()
         flight.follow(fast)
         slow_done = flight.follow(slow)
-        slow_done.addErrback(lambda f: None)
         upstream = Upstream()
         flight.start(200, {})
         flight.register_producer(upstream)
@@ -172,6 +171,7 @@ class FlightTests(SynchronousTestCase):
         flight.write(b"x" * 60)  # 120 bytes behind while the other one read on
         assert slow.aborted and len(flight.followers) == 1
         assert fast.written == b"x" * 120
+        self.assertNoResult(slow_done)  # it left: it hears no more of the flight
 
     def test_a_follower_joining_while_all_are_paused_is_served(self) -> None:
         flight = Flight("k", max_record=1 << 20)

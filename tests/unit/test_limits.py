@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -9,7 +10,7 @@ from llmproxy.auth import Principal
 from llmproxy.config import ApiKey
 from llmproxy.errors import APIError
 from llmproxy.limits import MemoryLimiter, estimate, retry_after
-from tests.harness import Harness, chat, config_text, hang_up, run
+from tests.harness import Harness, chat, config_text, hang_up
 
 
 class WindowTests(SynchronousTestCase):
@@ -27,19 +28,20 @@ class WindowTests(SynchronousTestCase):
         clock = Clock()
         limiter = MemoryLimiter(clock)
         who = Principal("k", ApiKey(name="k", key="x", rpm=2))
-        run(limiter.check(who))
-        run(limiter.check(who))
-        with self.assertRaises(APIError) as info:
-            run(limiter.check(who))
+
+        def check() -> Deferred[None]:
+            return Deferred.fromCoroutine(limiter.check(who))
+
+        self.successResultOf(check())
+        self.successResultOf(check())
+        refused = self.failureResultOf(check(), APIError).value
         # Two more minutes' worth? No: at t=90 the first minute counts half (1 of 2).
-        assert info.exception.status == 429 and info.exception.headers["Retry-After"] == "90"
+        assert refused.status == 429 and refused.headers["Retry-After"] == "90"
         clock.advance(89)
-        with self.assertRaises(APIError):
-            run(limiter.check(who))  # the advice was not too short
+        self.failureResultOf(check(), APIError)  # the advice was not too short
         clock.advance(1)  # t=90: the estimate is 1
-        run(limiter.check(who))
-        with self.assertRaises(APIError):
-            run(limiter.check(who))
+        self.successResultOf(check())
+        self.failureResultOf(check(), APIError)
 
 
 class TokenChargeTests(SynchronousTestCase):

@@ -7,7 +7,6 @@ from typing import Any
 import txredisapi
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from llmproxy.redisclient import RedisUnavailable, SharedRedis
@@ -25,11 +24,8 @@ class Connection:
         return fail(self.error) if self.error is not None else Deferred()
 
 
-def outcome(redis: SharedRedis) -> Any:
-    """What one ``GET`` comes to right now (None: still waiting)."""
-    results: list[Any] = []
-    Deferred.fromCoroutine(redis.call("get", "k")).addBoth(results.append)
-    return results[0] if results else None
+def get(redis: SharedRedis) -> Deferred[Any]:
+    return Deferred.fromCoroutine(redis.call("get", "k"))
 
 
 class BackoffTests(SynchronousTestCase):
@@ -41,9 +37,9 @@ class BackoffTests(SynchronousTestCase):
             txredisapi.ResponseError("ERR invalid expire time"),
         ):
             connection.error = error
-            assert outcome(redis).check(RedisUnavailable)
+            self.failureResultOf(get(redis), RedisUnavailable)
         connection.error = None
-        assert outcome(redis) is None  # the next call still went to Redis
+        self.assertNoResult(get(redis))  # the next call still went to Redis
         assert connection.calls == 3
 
     def test_connection_trouble_makes_later_calls_fail_fast(self) -> None:
@@ -51,25 +47,25 @@ class BackoffTests(SynchronousTestCase):
         connection = Connection()
         redis = SharedRedis(clock, "redis://x", 0.25, connection=connection)
         connection.error = txredisapi.ConnectionError("Not connected")
-        assert outcome(redis).check(RedisUnavailable)
-        assert outcome(redis).check(RedisUnavailable)  # Redis is away: not asked again
+        self.failureResultOf(get(redis), RedisUnavailable)
+        self.failureResultOf(get(redis), RedisUnavailable)  # Redis is away: not asked again
         assert connection.calls == 1
         clock.advance(0.5)
         connection.error = None
-        assert outcome(redis) is None  # tried again after the back-off
+        self.assertNoResult(get(redis))  # tried again after the back-off
         assert connection.calls == 2
 
     def test_a_call_that_never_answers_times_out_then_fails_fast(self) -> None:
         clock = Clock()
         connection = Connection()
         redis = SharedRedis(clock, "redis://x", 0.25, connection=connection)
-        pending: list[Any] = []
-        Deferred.fromCoroutine(redis.call("get", "k")).addBoth(pending.append)
-        assert pending == []
+        pending = get(redis)
+        self.assertNoResult(pending)
         clock.advance(0.25)
-        assert isinstance(pending[0], Failure) and pending[0].check(RedisUnavailable)
+        self.failureResultOf(pending, RedisUnavailable)
         # Right after, calls fail at once instead of waiting their deadline.
-        assert outcome(redis).check(RedisUnavailable) and connection.calls == 1
+        self.failureResultOf(get(redis), RedisUnavailable)
+        assert connection.calls == 1
         clock.advance(0.5)
-        assert outcome(redis) is None  # tried again: waiting for Redis
+        self.assertNoResult(get(redis))  # tried again: waiting for Redis
         assert connection.calls == 2

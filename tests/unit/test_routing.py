@@ -6,7 +6,7 @@ from collections import Counter
 from typing import Any
 
 import treq
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
@@ -284,8 +284,10 @@ class CooldownTests(SynchronousTestCase):
         clock.advance(30)
         plan = run(r.plan(r.models["m1"]))
         pending = Deferred.fromCoroutine(plan.next())
+        self.assertNoResult(pending)
+        assert report(r, "a/up-a")["state"] == "probing"
         pending.cancel()
-        pending.addErrback(lambda f: None)
+        self.failureResultOf(pending, CancelledError)
         assert report(r, "a/up-a")["state"] == "half_open"
 
     def test_failures_of_attempts_started_before_a_trip_do_not_extend_it(self) -> None:

@@ -7,7 +7,6 @@ from typing import Any
 
 import treq
 from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from llmproxy.failures import Kind, UpstreamFailure
@@ -140,15 +139,13 @@ class StreamTimeoutTests(SynchronousTestCase):
         h = Harness()
         seen: list[bytes] = []
         stream = BodyStream(h.clock, seen.append, idle=5, remaining=100)
-        outcome: list[object] = []
-        stream.done.addBoth(outcome.append)
         stream.pauseProducing()
         h.clock.advance(50)
-        assert stream.failed is None
+        self.assertNoResult(stream.done)
         stream.resumeProducing()
         h.clock.advance(5)
-        assert stream.failed is not None and "idle" in stream.failed.message
-        assert isinstance(outcome[0], Failure) and "idle timeout" in str(outcome[0].value)
+        failure = self.failureResultOf(stream.done, UpstreamFailure)
+        assert "idle timeout of 5s" in str(failure.value)
 
     def test_total_timeout_ends_a_long_stream(self) -> None:
         h = Harness(config_text(timeouts="{idle: 5, total: 12}"))
@@ -190,10 +187,9 @@ class DisconnectTests(SynchronousTestCase):
     ) -> None:
         h = Harness()
         stream = BodyStream(h.clock, lambda data: None, idle=5, remaining=100)
-        stream.done.addErrback(lambda f: None)
         h.clock.advance(10)
         stream.pauseProducing()
         h.clock.advance(90)  # total fires while the client has held the stream paused
-        assert stream.failed is not None and stream.failed.client_slow
-        assert not stream.failed.counts_against()
+        timeout = self.failureResultOf(stream.done, UpstreamFailure).value
+        assert timeout.client_slow and not timeout.counts_against()
         assert UpstreamFailure(Kind.TIMEOUT, "total timeout").counts_against()
