@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from twisted.logger import Logger
-
 from llmproxy import errors
 from llmproxy.accounting import Accountant
 from llmproxy.answers import Inspector
@@ -33,8 +31,6 @@ from llmproxy.sink import ClientSink, DroppableSink
 
 
 class Pipeline:
-    log = Logger()
-
     def __init__(
         self,
         auth: Authenticator,

@@ -84,11 +84,12 @@ class Responses:
 
     def _only_target(self, response_id: str) -> Target:
         """An unknown id on an open proxy with one upstream: it can only be there."""
-        upstreams = list(self.router.upstreams)
-        targets = [t for t in self.router.targets() if t.upstream in upstreams[:1]]
-        if len(upstreams) != 1 or not targets:
-            raise errors.response_not_found(response_id)
-        return targets[0]
+        if len(self.router.upstreams) == 1:
+            (only,) = self.router.upstreams
+            for target in self.router.targets():
+                if target.upstream == only:
+                    return target
+        raise errors.response_not_found(response_id)
 
     def _unavailable(self, response_id: str) -> errors.APIError:
         return errors.unavailable(
