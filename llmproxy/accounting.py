@@ -44,6 +44,8 @@ class Accountant:
         else:
             return
         principal = call.principal
+        trace = call.request.trace
+        trace.input_tokens, trace.output_tokens = inspector.input_tokens, inspector.output_tokens
         # The metric counts what upstreams reported, never an estimate.
         self.metrics.tokens(call.model.name, principal.name, inspector.usage_tokens)
         charging = Deferred.fromCoroutine(self.limiter.charge_tokens(principal, tokens))

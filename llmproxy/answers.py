@@ -25,6 +25,8 @@ TERMINAL_EVENTS = frozenset({"response.completed", "response.failed", "response.
 
 _LENGTH = re.compile(r'"finish_reason"\s*:\s*"length"')
 _TOTAL_TOKENS = re.compile(rb'"total_tokens"\s*:\s*(\d+)')
+_INPUT_TOKENS = re.compile(rb'"(?:prompt|input)_tokens"\s*:\s*(\d+)')
+_OUTPUT_TOKENS = re.compile(rb'"(?:completion|output)_tokens"\s*:\s*(\d+)')
 
 
 @attrs.define
@@ -34,6 +36,9 @@ class Inspector:
     endpoint: str
     #: ``usage.total_tokens``, when the answer reported it.
     usage_tokens: int = 0
+    #: ``usage``'s prompt (input) and completion (output) tokens, when reported.
+    input_tokens: int | None = None
+    output_tokens: int | None = None
     #: Stream events that carried data (a token each, roughly).
     data_events: int = 0
     #: A 2xx answer went to the client: something was generated.
@@ -57,6 +62,9 @@ class Inspector:
         matches = _TOTAL_TOKENS.findall(data)
         if matches:
             self.usage_tokens = int(matches[-1])
+            inputs, outputs = _INPUT_TOKENS.findall(data), _OUTPUT_TOKENS.findall(data)
+            self.input_tokens = int(inputs[-1]) if inputs else None
+            self.output_tokens = int(outputs[-1]) if outputs else None
 
     def event(self, event: Event) -> None:
         """One stream event, as it goes to the client."""
@@ -90,6 +98,10 @@ class Inspector:
         usage = payload.get("usage")
         if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int):
             self.usage_tokens = usage["total_tokens"]
+            given = usage.get("prompt_tokens", usage.get("input_tokens"))
+            self.input_tokens = given if isinstance(given, int) else None
+            made = usage.get("completion_tokens", usage.get("output_tokens"))
+            self.output_tokens = made if isinstance(made, int) else None
         if payload.get("object") == "response" and isinstance(payload.get("id"), str):
             self.response_ids.append(payload["id"])
 

@@ -80,6 +80,7 @@ def _parse(request: GatewayRequest, path: str, body: bytes = b"") -> ClientReque
         request_id=request.request_id,
         query=request.uri.partition(b"?")[2],
         body=body,
+        trace=request.trace,
     )
 
 
@@ -169,6 +170,19 @@ class Gateway:
         ok, payload = await self.operations.health()
         return _json(request, payload, 200 if ok else 503)
 
+    @route(app, "/health/live", ["GET"], "health/live", v1=False)
+    async def health_live(self, request: GatewayRequest) -> bytes:
+        return _json(request, self.operations.live())
+
+    @route(app, "/health/ready", ["GET"], "health/ready", v1=False)
+    async def health_ready(self, request: GatewayRequest) -> bytes:
+        ok, payload = await self.operations.ready()
+        return _json(request, payload, 200 if ok else 503)
+
+    @route(app, "/admin/reload", ["POST"], "admin/reload", v1=False)
+    async def admin_reload(self, request: GatewayRequest) -> bytes:
+        return _json(request, await self.operations.reload(_headers(request)))
+
     @route(app, "/stats", ["GET"], "stats", v1=False)
     async def stats(self, request: GatewayRequest) -> bytes:
         return _json(request, await self.operations.stats(_headers(request)))
@@ -186,6 +200,7 @@ class Gateway:
     # -- errors ----------------------------------------------------------------------
 
     def _render_error(self, request: GatewayRequest, error: errors.APIError) -> bytes:
+        request.trace.error_code = error.code or error.type
         if request.startedWriting:
             # Headers are gone: the only honest signal left is in the body.
             ctype = request.responseHeaders.getRawHeaders(b"content-type") or [b""]

@@ -14,10 +14,11 @@ from __future__ import annotations
 from typing import Protocol
 
 from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from llmproxy import errors
-from llmproxy.answers import Inspector, is_event_stream
+from llmproxy.answers import Inspector, error_of, is_event_stream
 from llmproxy.config import Target
 from llmproxy.failures import Kind, UpstreamFailure
 from llmproxy.metrics import Metrics
@@ -37,10 +38,13 @@ class Forwardable(Relayable, Protocol):
 class Attempts:
     log = Logger()
 
-    def __init__(self, forwarder: Forwarder, relay: Relay, metrics: Metrics) -> None:
+    def __init__(
+        self, forwarder: Forwarder, relay: Relay, metrics: Metrics, clock: IReactorTime
+    ) -> None:
         self.forwarder = forwarder
         self.relay = relay
         self.metrics = metrics
+        self.clock = clock
 
     async def forward(
         self,
@@ -57,7 +61,7 @@ class Attempts:
         last: UpstreamFailure | None = None
         while (attempt := await plan.next()) is not None:
             with attempt:
-                served_by(sink, attempt.target.upstream)
+                served_by(sink, attempt.target.upstream, attempt.target.model)
                 try:
                     exchange, data = await self._open(call, attempt)
                 except UpstreamFailure as failure:
@@ -81,6 +85,7 @@ class Attempts:
             raise errors.unavailable(f"No usable upstream for the model '{plan.model}'.")
         if last.kind is Kind.HTTP and last.status is not None:
             pass_error(last, sink)
+            call.request.trace.error_code = _upstream_code(last)
             return None
         raise last.to_api_error()
 
@@ -90,13 +95,20 @@ class Attempts:
         stream (a body that fails before it is whole can still fail over).
         """
         target = attempt.target
-        exchange = await self.forwarder.open(target, call.request, call.body_for(target))
+        trace = call.request.trace
+        trace.attempts += 1
+        trace.wait(self.clock.seconds())
         try:
-            await attempt.answered()
-            data = None if is_event_stream(exchange.headers) else await exchange.read()
-        except BaseException:
-            exchange.close()
-            raise
+            exchange = await self.forwarder.open(target, call.request, call.body_for(target))
+            try:
+                await attempt.answered()
+                data = None if is_event_stream(exchange.headers) else await exchange.read()
+            except BaseException:
+                exchange.close()
+                raise
+        finally:
+            trace.waited(self.clock.seconds())
+        trace.upstream_ttfb = attempt.ttfb
         self.metrics.attempt(target.upstream, "ok", attempt.ttfb)
         return exchange, data
 
@@ -118,6 +130,7 @@ class Attempts:
         await attempt.ended(broke)
         if broke is None:
             return
+        call.request.trace.error_code = broke.to_api_error().code
         self.metrics.attempt(attempt.target.upstream, "cut_" + broke.kind.value)
         self.log.warn(
             "request {request_id}: stream from {upstream} ended early: {failure}",
@@ -125,3 +138,13 @@ class Attempts:
             upstream=attempt.target.upstream,
             failure=str(broke),
         )
+
+
+def _upstream_code(failure: UpstreamFailure) -> str:
+    """The code of an upstream error passed through: its own, when it says one."""
+    error = error_of(failure.body or b"")
+    if isinstance(error, dict):
+        for name in ("code", "type"):
+            if isinstance(error.get(name), str) and error[name]:
+                return str(error[name])[:64]
+    return f"upstream_{failure.status}"

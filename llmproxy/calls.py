@@ -19,6 +19,7 @@ import attrs
 from llmproxy.auth import Principal
 from llmproxy.body import rewrite_body
 from llmproxy.config import Model, Target
+from llmproxy.trace import Trace
 
 
 @attrs.frozen
@@ -35,6 +36,8 @@ class ClientRequest:
     request_id: str
     query: bytes = b""
     body: bytes = b""
+    #: What the request did, for its log record (shared with the HTTP request).
+    trace: Trace = attrs.field(factory=lambda: Trace(0.0), eq=False, repr=False)
 
 
 @attrs.frozen

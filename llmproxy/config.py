@@ -27,6 +27,7 @@ T = TypeVar("T")
 STRATEGIES = ("round_robin", "least_busy", "latency", "random", "priority")
 CACHE_BACKENDS = ("memory", "redis", "off")
 CACHE_SCOPES = ("key", "shared")
+ACCESS_LOG_FORMATS = ("json", "text")
 RETRY_REASONS = ("connect", "timeout")
 
 
@@ -109,12 +110,40 @@ class Server:
     max_body_bytes: int = 32 * 1024 * 1024
     drain_seconds: float = 30.0
     trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
+    #: Seconds of upstream silence in a stream before a ``: keep-alive`` comment (0: never).
+    sse_keepalive: float = 15.0
+
+
+@attrs.frozen
+class AccessLog:
+    """One record per finished request, to ``path`` (``-``: standard output)."""
+
+    path: str
+    format: str = "json"
+
+
+@attrs.frozen
+class Sentinel:
+    """Redis behind Sentinel: ask the sentinels at ``addresses`` where ``master`` is."""
+
+    master: str
+    addresses: tuple[tuple[str, int], ...]
+    #: The database number and password of the master (and of the replica it fails over to).
+    db: int | None = None
+    password: str | None = attrs.field(default=None, repr=False)
 
 
 @attrs.frozen
 class Redis:
-    url: str = "redis://127.0.0.1:6379/0"
+    """The shared Redis: at ``url``, or wherever the sentinels of ``sentinel`` say."""
+
+    url: str | None = "redis://127.0.0.1:6379/0"
     timeout: float = 0.25
+    sentinel: Sentinel | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if (self.url is None) == (self.sentinel is None):
+            raise ValueError("Redis needs exactly one of url or sentinel")
 
 
 @attrs.frozen
@@ -154,6 +183,7 @@ class Config:
     redis: Redis | None = None
     cache: Cache = Cache()
     auth: Auth = Auth()
+    access_log: AccessLog | None = None
     source: str = ""
 
     def secrets(self) -> tuple[str, ...]:
@@ -439,21 +469,74 @@ def _routing(raw: object, path: str) -> Routing:
 
 
 def _server(raw: object, path: str) -> Server:
-    s = _Section(raw, path, ("max_body_bytes", "drain_seconds", "trusted_proxies"))
+    s = _Section(raw, path, ("max_body_bytes", "drain_seconds", "trusted_proxies", "sse_keepalive"))
     d = Server()
     return Server(
         max_body_bytes=s.get("max_body_bytes", _integer(1), d.max_body_bytes),
         drain_seconds=s.get("drain_seconds", _number(0), d.drain_seconds),
         trusted_proxies=s.get("trusted_proxies", _strings, d.trusted_proxies),
+        sse_keepalive=s.get("sse_keepalive", _number(0), d.sse_keepalive),
+    )
+
+
+def _access_log(raw: object, path: str) -> AccessLog:
+    s = _Section(raw, path, ("path", "format"))
+    return AccessLog(
+        path=s.require("path", _string),
+        format=s.get("format", _choice(ACCESS_LOG_FORMATS), "json"),
+    )
+
+
+def _address(value: object, path: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for an IPv6 address) as a (host, port) pair."""
+    text = _string(value, path).strip()
+    host, _, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        host = ""  # an IPv6 address needs its brackets: [::1]:26379
+    if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise ConfigError(path, f"expected host:port, got '{text}'")
+    return host, int(port)
+
+
+def _addresses(value: object, path: str) -> tuple[tuple[str, int], ...]:
+    items = _list(value, path)
+    if not items:
+        raise ConfigError(path, "needs at least one host:port")
+    found: list[tuple[str, int]] = []
+    for i, item in enumerate(items):
+        address = _address(item, f"{path}[{i}]")
+        if address in found:
+            raise ConfigError(f"{path}[{i}]", f"duplicate address '{item}'")
+        found.append(address)
+    return tuple(found)
+
+
+def _sentinel(raw: object, path: str) -> Sentinel:
+    s = _Section(raw, path, ("master", "addresses", "db", "password"))
+    master = s.require("master", _string)
+    if not master.strip():
+        raise ConfigError(s.path_of("master"), "must not be empty")
+    return Sentinel(
+        master=master,
+        addresses=s.require("addresses", _addresses),
+        db=s.get("db", _integer(0), None),
+        password=s.get("password", _string, None) or None,
     )
 
 
 def _redis(raw: object, path: str) -> Redis:
-    s = _Section(raw, path, ("url", "timeout"))
-    url = s.get("url", _string, Redis().url)
+    s = _Section(raw, path, ("url", "sentinel", "timeout"))
+    timeout = s.get("timeout", _number(0, allow_equal=False), Redis().timeout)
+    if s.has("sentinel"):
+        if s.has("url"):
+            raise ConfigError(path, "url and sentinel are alternatives: give one of them")
+        return Redis(url=None, timeout=timeout, sentinel=s.require("sentinel", _sentinel))
+    url = s.get("url", _string, "redis://127.0.0.1:6379/0")
     if urlsplit(url).scheme not in ("redis", "unix"):
         raise ConfigError(s.path_of("url"), f"expected a redis:// URL, got '{url}'")
-    return Redis(url=url, timeout=s.get("timeout", _number(0, allow_equal=False), 0.25))
+    return Redis(url=url, timeout=timeout)
 
 
 def _ttl(value: object, path: str) -> float:
@@ -539,7 +622,17 @@ def _named(raw: object, path: str) -> dict[str, Any]:
     return {str(k): v for k, v in raw.items()}
 
 
-_TOP = ("listen", "server", "upstreams", "models", "routing", "redis", "cache", "auth")
+_TOP = (
+    "listen",
+    "server",
+    "upstreams",
+    "models",
+    "routing",
+    "redis",
+    "cache",
+    "auth",
+    "access_log",
+)
 
 
 def parse_config(raw: object, environ: Mapping[str, str] | None = None, source: str = "") -> Config:
@@ -571,6 +664,7 @@ def parse_config(raw: object, environ: Mapping[str, str] | None = None, source: 
         redis=redis,
         cache=cache,
         auth=top.get("auth", lambda v, p: _auth(v, p, models), Auth()),
+        access_log=top.get("access_log", _access_log, None),
         source=source,
     )
 

@@ -1,20 +1,46 @@
 """
-The operator's view of a running proxy: ``/health`` (open to all), and
-``/stats``, ``/metrics`` and the cache purge, guarded by the admin keys when
-there are any.  It reads the router, the cache and the metrics; it changes
-nothing but the cache it is asked to purge.
+The operator's view of a running proxy: ``/health``, ``/health/live`` and
+``/health/ready`` (open to all), and ``/stats``, ``/metrics``, the cache purge
+and ``/admin/reload``, guarded by the admin keys when there are any.  It reads
+the router, the cache and the metrics; it changes nothing but the cache it is
+asked to purge and, on reload, the configuration.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+
+import attrs
 
 from llmproxy.auth import Authenticator, bearer_token
 from llmproxy.cache.store import ResponseCache
 from llmproxy.metrics import Metrics
+from llmproxy.redisclient import RedisUnavailable, SharedRedis
 from llmproxy.routing.breaker import BreakerState
 from llmproxy.routing.router import Router
-from llmproxy.site import InFlight
+from llmproxy.site import GatewaySite
+
+
+@attrs.frozen
+class Worker:
+    """Which process answered: its index among ``--workers`` (0 when alone) and pid."""
+
+    index: int
+    pid: int
+
+    def as_json(self) -> dict[str, int]:
+        return {"index": self.index, "pid": self.pid}
+
+
+@attrs.frozen
+class Process:
+    """What the operator's endpoints know of the process, beyond one config."""
+
+    site: GatewaySite
+    worker: Worker
+    redis: SharedRedis | None
+    #: Re-read the config file and apply it (the JSON answer), or raise why not.
+    reload: Callable[[], Awaitable[dict[str, object]]]
 
 
 class Operations:
@@ -24,13 +50,13 @@ class Operations:
         cache: ResponseCache,
         metrics: Metrics,
         auth: Authenticator,
-        inflight: InFlight,
+        process: Process,
     ) -> None:
         self.router = router
         self.cache = cache
         self.metrics = metrics
         self.auth = auth
-        self.inflight = inflight
+        self.process = process
 
     async def health(self) -> tuple[bool, dict[str, object]]:
         """Whether any target is not cooling down (or none is configured), and every target."""
@@ -39,14 +65,52 @@ class Operations:
         ok = not targets or any(t.state is not BreakerState.COOLING_DOWN for t in targets.values())
         return ok, {
             "status": "ok" if ok else "unavailable",
+            "worker": self.process.worker.as_json(),
             "targets": {name: t.as_json() for name, t in targets.items()},
         }
+
+    def live(self) -> dict[str, object]:
+        """The process runs (for a liveness probe: it answers, so it does)."""
+        return {"status": "ok", "worker": self.process.worker.as_json()}
+
+    async def ready(self) -> tuple[bool, dict[str, object]]:
+        """
+        Whether this process should get traffic: not draining, every model
+        with a usable target, and Redis (when configured) answering.
+        """
+        reasons = []
+        if self.process.site.draining:
+            reasons.append("draining")
+        await self.router.refresh()
+        targets = self.router.status()
+        for name, model in self.router.models.items():
+            if not any(targets[t.id].available for t in model.targets):
+                reasons.append(f"model {name} has no usable target")
+        redis = self.process.redis
+        if redis is not None:
+            try:
+                await redis.call("ping")
+            except RedisUnavailable as e:
+                reasons.append(f"redis unavailable ({e})")
+        payload: dict[str, object] = {
+            "status": "ready" if not reasons else "not ready",
+            "worker": self.process.worker.as_json(),
+        }
+        if reasons:
+            payload["reasons"] = reasons
+        return not reasons, payload
+
+    async def reload(self, headers: Mapping[str, str]) -> dict[str, object]:
+        """Re-read and apply the config file (admin only)."""
+        self.auth.check_admin(bearer_token(headers))
+        return await self.process.reload()
 
     async def stats(self, headers: Mapping[str, str]) -> dict[str, object]:
         """The /stats document: requests, attempts, latency, tokens, cache and targets."""
         self.auth.check_admin(bearer_token(headers))
         payload = dict(self.metrics.snapshot())
-        payload["inflight"] = self.inflight.count
+        payload["worker"] = self.process.worker.as_json()
+        payload["inflight"] = self.process.site.inflight.count
         payload["cache"] = self.cache.snapshot()
         await self.router.refresh()
         payload["targets"] = {name: t.as_json() for name, t in self.router.status().items()}

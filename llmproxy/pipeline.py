@@ -28,6 +28,7 @@ from llmproxy.relay import replay
 from llmproxy.responses import Responses
 from llmproxy.routing.router import Router
 from llmproxy.sink import ClientSink, DroppableSink
+from llmproxy.trace import Trace
 
 
 class Pipeline:
@@ -59,14 +60,15 @@ class Pipeline:
             await self._answer(call, decision, sink)
             return
         key = decision.key
-        if await self._join(key, sink):
+        if await self._join(key, sink, call.request.trace):
             return
         entry = await self.cache.lookup(key)
         if entry is not None:
             announce(sink, Verdict.HIT)
             replay(entry, sink)
             return
-        if await self._join(key, sink):  # one may have started during the lookup
+        # One may have started during the lookup.
+        if await self._join(key, sink, call.request.trace):
             return
         announce(sink, Verdict.MISS)
         await self.flights.lead(key, sink, lambda flight: self._answer(call, decision, flight))
@@ -80,6 +82,7 @@ class Pipeline:
         if model is None:
             raise errors.model_not_found(name)
         self.auth.authorize(principal, model.name)
+        request.trace.model, request.trace.key = model.name, principal.name
         await self.limiter.check(principal)
         controls = parse_controls(request.headers.get("cache-control"), payload.get("cache"))
         previous = payload.get("previous_response_id")
@@ -88,12 +91,13 @@ class Pipeline:
             pinned = await self.responses.pin(principal, model, previous)
         return ModelCall(request, payload, model, principal, controls, pinned)
 
-    async def _join(self, key: str, sink: DroppableSink) -> bool:
+    async def _join(self, key: str, sink: DroppableSink, trace: Trace) -> bool:
         """Share the upstream call of an identical request in flight, if there is one."""
         flight = self.flights.joinable(key)
         if flight is None:
             return False
         announce(sink, Verdict.JOINED)
+        trace.wait(self.router.reactor.seconds())  # the leader's upstream wait is ours too
         await self.flights.join(flight, sink)
         return True
 

@@ -13,6 +13,12 @@ reconnecting in the background, so Redis coming back is picked up on its own.
 service starts and disconnects when it stops.  txredisapi imports the reactor
 at import time: it is imported only when Redis is configured, never during
 twistd plugin discovery.
+
+With ``redis.sentinel``, the pool connects to whichever server the sentinels
+name as the master, asking them again before every connection attempt.  A
+failover drops the pool's connections (Sentinel has the demoted master close
+its clients; a dead master closes them by dying), the reconnection finds the
+new master, and a connection that lands on a replica is closed and retried.
 """
 
 from __future__ import annotations
@@ -26,12 +32,18 @@ from twisted.internet.defer import TimeoutError as DeferTimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from llmproxy.config import Redis, Sentinel
+
+#: Connections of the pool to the (master) server.
+POOL_SIZE = 8
+
 
 class RedisUnavailable(Exception):
     """Redis could not answer within its deadline; the caller degrades."""
 
 
 def parse_url(url: str) -> dict[str, Any]:
+    """The connection arguments of txredisapi in a ``redis://`` URL."""
     parts = urlsplit(url)
     path = parts.path.strip("/")
     return {
@@ -43,52 +55,86 @@ def parse_url(url: str) -> dict[str, Any]:
     }
 
 
+def connect_url(url: str, timeout: float) -> Any:
+    """A lazy txredisapi pool to the one server at ``url``."""
+    import txredisapi
+
+    return txredisapi.lazyConnectionPool(
+        **parse_url(url),
+        poolsize=POOL_SIZE,
+        reconnect=True,
+        charset=None,  # values are bytes (cache bodies); keys are encoded as UTF-8
+        convertNumbers=False,
+        connectTimeout=timeout,
+        replyTimeout=timeout,
+    )
+
+
+def connect_sentinel(config: Sentinel, timeout: float) -> tuple[Any, Any]:
+    """
+    ``(sentinels, pool)``: txredisapi's Sentinel manager over ``config.addresses``,
+    and a lazy pool to the master it names (both to be disconnected).
+    """
+    import txredisapi
+
+    from llmproxy import redissentinel
+
+    sentinels = txredisapi.Sentinel(
+        list(config.addresses), connectTimeout=timeout, replyTimeout=timeout
+    )
+    sentinels.discovery_timeout = redissentinel.DISCOVERY_TIMEOUT
+    pool = sentinels.master_for(
+        config.master,
+        factory_class=redissentinel.MasterFactory,
+        dbid=config.db,
+        poolsize=POOL_SIZE,
+        isLazy=True,
+        password=config.password,
+        charset=None,
+        convertNumbers=False,
+        replyTimeout=timeout,
+    )
+    return sentinels, pool
+
+
 class SharedRedis(Service):
+    """The ``redis`` service: one lazy pool, and :meth:`call` with its deadline."""
+
     log = Logger()
     #: After a failure, fail fast this long before trying Redis again.
     BACKOFF = 0.5
 
-    def __init__(
-        self, reactor: IReactorTime, url: str, timeout: float, connection: Any = None
-    ) -> None:
+    def __init__(self, reactor: IReactorTime, config: Redis, connection: Any = None) -> None:
         self.reactor = reactor
-        self.url = url
-        self.timeout = timeout
+        self.config = config
+        self.timeout = config.timeout
         self._connection = connection
+        self._sentinels: Any = None
         self._down_until = 0.0
 
     def startService(self) -> None:
         super().startService()
         if self._connection is not None:
             return
-        import txredisapi
-
-        options = parse_url(self.url)
-        self._connection = txredisapi.lazyConnectionPool(
-            host=options["host"],
-            port=options["port"],
-            dbid=options["dbid"],
-            password=options["password"],
-            username=options["username"],
-            poolsize=8,
-            reconnect=True,
-            charset=None,  # values are bytes (cache bodies); keys are encoded as UTF-8
-            convertNumbers=False,
-            connectTimeout=self.timeout,
-            replyTimeout=self.timeout,
-        )
+        if self.config.sentinel is not None:
+            self._sentinels, self._connection = connect_sentinel(self.config.sentinel, self.timeout)
+        else:
+            assert self.config.url is not None
+            self._connection = connect_url(self.config.url, self.timeout)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
         return Deferred.fromCoroutine(self._disconnect())
 
     async def _disconnect(self) -> None:
-        if self._connection is not None:
-            connection, self._connection = self._connection, None
-            try:
-                await connection.disconnect()
-            except Exception:  # noqa: BLE001 - shutting down: nothing left to protect
-                pass
+        connection, self._connection = self._connection, None
+        sentinels, self._sentinels = self._sentinels, None
+        for each in (connection, sentinels):
+            if each is not None:
+                try:
+                    await each.disconnect()
+                except Exception:  # noqa: BLE001 - shutting down: nothing left to protect
+                    pass
 
     async def call(self, command: str, *args: Any, **kwargs: Any) -> Any:
         """Run one txredisapi command under the deadline."""
@@ -104,9 +150,10 @@ class SharedRedis(Service):
         except (DeferTimeoutError, ConnectionError, TimeoutError, OSError) as e:
             raise self._away(command, e) from None
         except Exception as e:  # noqa: BLE001 - Redis trouble must never fail a request
-            # txredisapi's ConnectionError and TimeoutError derive from its own
-            # RedisError, not from the builtins: those mean Redis is away.
-            if type(e).__name__ in ("ConnectionError", "TimeoutError"):
+            # txredisapi's ConnectionError (and its TimeoutError and
+            # MasterNotFoundError) derive from its own RedisError, not from the
+            # builtins: those mean Redis is away.
+            if any(c.__name__ == "ConnectionError" for c in type(e).__mro__):
                 raise self._away(command, e) from None
             # Anything else (a refused command, a value it cannot encode) is
             # about this one call: Redis is fine for everybody else.

@@ -11,6 +11,17 @@ and, when the cache wants it, recorded.  The response ids it hands out are
 remembered with the target that made them: a whole body's before the client
 gets it; a stream's as its event goes by (at once in this process; in Redis,
 for the rest of a fleet, a round trip later).
+
+While a stream's upstream is silent (a reasoning model thinking for minutes),
+the client gets a ``: keep-alive`` SSE comment every ``server.sse_keepalive``
+seconds (:class:`KeepAlive`), so that nginx's and the client's read timeouts
+do not cut it.  The silence is timed from the headers and from each event
+relayed, and the comments stop with the stream's terminal event, its end, its
+cut, or its client.  Written from a timer, a comment always falls between two
+whole events.  It is traffic to the client only: the upstream's idle timeout
+still counts the upstream's silence.  No comment is recorded for the cache,
+neither ours nor a comment-only event of the upstream's (``: PROCESSING``,
+which the live client still gets), so a replay is the answer's events alone.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ from typing import Protocol
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from llmproxy import errors
@@ -39,6 +51,9 @@ SSE_HEADERS = {
     "cache-control": "no-cache",
     "x-accel-buffering": "no",
 }
+
+#: What a stream's client gets while its upstream is silent: an SSE comment.
+KEEPALIVE = b": keep-alive\n\n"
 
 
 class Relayable(Protocol):
@@ -63,19 +78,70 @@ class Relayed:
     broke: UpstreamFailure | None = None
 
 
-def served_by(sink: ClientSink, upstream: str) -> None:
-    """Tell the client which upstream answered (or was tried last)."""
+def served_by(sink: ClientSink, upstream: str, model: str | None) -> None:
+    """
+    Tell the client which upstream answered (or was tried last), and the
+    model it was asked for, so a fallback to another model is visible.
+    """
     sink.header("x-llmproxy-upstream", upstream)
+    if model is not None:
+        sink.header("x-llmproxy-model", model)
+
+
+class KeepAlive:
+    """
+    Writes :data:`KEEPALIVE` to a stream's sink after every ``interval``
+    seconds in which nothing else was relayed (never, with ``interval`` 0).
+    One timer, pushed back by each event like the upstream's idle timer.
+    """
+
+    def __init__(self, reactor: IReactorTime, interval: float, sink: ClientSink) -> None:
+        self.reactor = reactor
+        self.interval = interval
+        self.sink = sink
+        self._over = False
+        self._call: IDelayedCall | None = None
+
+    def start(self) -> None:
+        """The headers are out: time the silence from now (unless it is already over)."""
+        if self.interval > 0 and not self._over and self._call is None:
+            self._call = self.reactor.callLater(self.interval, self._beat)
+
+    def relayed(self) -> None:
+        """An upstream event went to the client: time the silence from now."""
+        if self._call is not None and self._call.active():
+            self._call.reset(self.interval)
+
+    def stop(self) -> None:
+        """No more comments, ever (idempotent)."""
+        self._over = True
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _beat(self) -> None:
+        self._call = None
+        if self.sink.gone:
+            self.stop()
+            return
+        self.sink.write(KEEPALIVE)
+        self._call = self.reactor.callLater(self.interval, self._beat)
 
 
 class Relay:
     log = Logger()
 
-    def __init__(self, affinity: AffinityStore, max_record: int) -> None:
+    def __init__(
+        self, affinity: AffinityStore, max_record: int, reactor: IReactorTime, keepalive: float
+    ) -> None:
         #: Where response ids are remembered with the target that made them.
         self.affinity = affinity
         #: Answers larger than this are not recorded (nor stored).
         self.max_record = max_record
+        #: What times the keep-alives of silent streams.
+        self.reactor = reactor
+        #: Seconds of upstream silence in a stream before a keep-alive comment (0: never).
+        self.keepalive = keepalive
 
     async def answer(
         self,
@@ -101,7 +167,11 @@ class Relay:
         if len(data) > self.max_record:
             return Relayed(skipped=Uncacheable.TOO_LARGE)
         content_type = headers.get("content-type", "application/json")
-        return Relayed(entry=Entry(200, content_type, data, False, exchange.target.upstream))
+        return Relayed(
+            entry=Entry(
+                200, content_type, data, False, exchange.target.upstream, exchange.target.model
+            )
+        )
 
     async def stream(
         self,
@@ -114,18 +184,23 @@ class Relay:
         """An event stream, relayed as it arrives."""
         recording = Recording(self.max_record) if record else None
         remembering: list[Deferred[None]] = []
+        keepalive = KeepAlive(self.reactor, self.keepalive, sink)
 
         def on_event(event: Event) -> None:
             inspector.event(event)
             if inspector.response_ids:
                 remembering.append(self._remember_soon(call, inspector, exchange.target))
-            if recording is not None and inspector.uncacheable is None:
+            if recording is not None and inspector.uncacheable is None and not event.is_comment:
                 recording.add(event.raw)
             sink.write(event.raw)
+            if inspector.terminal is None:
+                keepalive.relayed()
+            else:
+                keepalive.stop()  # the answer is whole: nothing more to keep alive
 
         inspector.answered = True
         sink.start(exchange.status, SSE_HEADERS)
-        broke = await self._pump(exchange, sink, on_event)
+        broke = await self._pump(exchange, sink, on_event, keepalive)
         for pending in remembering:
             await pending
         if broke is None:
@@ -149,22 +224,36 @@ class Relay:
         if skipped is not None:
             return Relayed(skipped=skipped)
         entry = Entry(
-            200, SSE_HEADERS["content-type"], recording.body(), True, exchange.target.upstream
+            200,
+            SSE_HEADERS["content-type"],
+            recording.body(),
+            True,
+            exchange.target.upstream,
+            exchange.target.model,
         )
         return Relayed(entry=entry)
 
     async def _pump(
-        self, exchange: Exchange, sink: ClientSink, on_event: Callable[[Event], None]
+        self,
+        exchange: Exchange,
+        sink: ClientSink,
+        on_event: Callable[[Event], None],
+        keepalive: KeepAlive,
     ) -> UpstreamFailure | None:
-        """Relay the body with backpressure; the failure that cut it, if any."""
+        """
+        Relay the body with backpressure, and ``keepalive`` while it is
+        silent; the failure that cut it, if any.
+        """
         done = exchange.stream(on_event)
         assert exchange.producer is not None
         sink.register_producer(exchange.producer)
+        keepalive.start()
         try:
             await done  # a cancellation propagates: the caller closes the exchange
         except UpstreamFailure as failure:
             return failure
         finally:
+            keepalive.stop()
             if not sink.gone:
                 sink.unregister_producer()
         return None
@@ -214,7 +303,7 @@ def pass_error(failure: UpstreamFailure, sink: ClientSink) -> None:
 
 def replay(entry: Entry, sink: ClientSink) -> None:
     """A cached answer, with the headers it had (a stream event by event)."""
-    served_by(sink, entry.upstream)
+    served_by(sink, entry.upstream, entry.model)
     if entry.stream:
         sink.start(entry.status, SSE_HEADERS)
         for event in SSEParser().feed(entry.body):

@@ -7,7 +7,10 @@ every request, whatever route it takes.
 * The default response headers (what the cache did, when no model call says
   otherwise).
 * The requests in progress (:class:`InFlight`, which a graceful drain waits
-  on), and one count per answered request, by route and status.
+  on), and, when each is over, its :class:`~llmproxy.trace.Trace` and what
+  went over the wire, handed to the site's observer (metrics, access log).
+* ``draining``: set once the process has begun its graceful stop
+  (``/health/ready`` answers 503 from then on).
 * ``server.max_body_bytes``: twisted.web reads a whole request body before any
   resource sees it and has no limit of its own, so a declared Content-Length
   over the limit is refused with 413 before a byte of the body is read, and a
@@ -32,23 +35,31 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
 from llmproxy import errors
+from llmproxy.trace import Trace
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
-class RequestCounter(Protocol):
-    """Told of every answered request (the metrics)."""
+class RequestObserver(Protocol):
+    """Told of every request once it is over (``lost``: the client left before the end)."""
 
-    def request(self, endpoint: str, status: int) -> None: ...
+    def finished(self, request: GatewayRequest, lost: bool) -> None: ...
+
+    def refused(self, endpoint: str, status: int) -> None:
+        """A request answered before it reached a route (e.g. a body over the limit)."""
 
 
-class _NoCounter:
-    def request(self, endpoint: str, status: int) -> None:
+class _NoObserver:
+    def finished(self, request: GatewayRequest, lost: bool) -> None:
+        pass
+
+    def refused(self, endpoint: str, status: int) -> None:
         pass
 
 
@@ -83,12 +94,24 @@ class GatewayRequest(Request):
     request_id = ""
     #: What was asked for, as metrics label it; the route sets it.
     endpoint = "unknown"
+    #: What this request did (see :mod:`llmproxy.trace`); started as it arrives.
+    trace = Trace(0.0)
+    #: Body bytes received, and sent (headers not counted, as nginx's $body_bytes_sent).
+    bytes_in = 0
+    bytes_out = 0
     _rejected = False
-    _received = 0
 
     @property
     def _site(self) -> GatewaySite:
-        return self.channel.site  # type: ignore[attr-defined]
+        # Kept: twisted.web drops the channel once the request is done.
+        site: GatewaySite | None = self.__dict__.get("_gateway_site")
+        if site is None:
+            site = self.__dict__["_gateway_site"] = self.channel.site  # type: ignore[attr-defined]
+        return site
+
+    def now(self) -> float:
+        """The site's clock."""
+        return self._site.reactor.seconds()
 
     def process(self) -> None:
         """Every request, before any route: its id, the default headers, its count."""
@@ -96,6 +119,7 @@ class GatewayRequest(Request):
         self.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         self.setHeader("x-request-id", self.request_id)
         site = self._site
+        self.trace = Trace(site.reactor.seconds())
         for name, value in site.default_headers.items():
             self.setHeader(name, value)
         site.begin(self)
@@ -114,8 +138,8 @@ class GatewayRequest(Request):
     def handleContentChunk(self, data: bytes) -> None:
         if self._rejected:
             return
-        self._received += len(data)
-        if self._received > self._site.max_body_bytes:
+        self.bytes_in += len(data)
+        if self.bytes_in > self._site.max_body_bytes:
             self._reject()
             return
         super().handleContentChunk(data)
@@ -139,7 +163,18 @@ class GatewayRequest(Request):
         assert transport is not None
         transport.write(head + body)
         self.channel.loseConnection()
-        self._site.count("rejected", 413)
+        self._site.observer.refused("rejected", 413)
+
+    def write(self, data: bytes) -> None:
+        if self.trace.first_byte is None:
+            self.trace.first_byte = self.now()
+        self.bytes_out += len(data)
+        super().write(data)
+
+    def finish(self) -> None:
+        if self.trace.first_byte is None and not self.finished:
+            self.trace.first_byte = self.now()
+        super().finish()
 
     def getClientAddress(self) -> Any:
         peer = super().getClientAddress()
@@ -185,7 +220,7 @@ class GatewaySite(Site):
         resource: IResource,
         max_body_bytes: int,
         trusted_proxies: tuple[str, ...],
-        counter: RequestCounter | None = None,
+        observer: RequestObserver | None = None,
         inflight: InFlight | None = None,
         default_headers: Mapping[str, str] | None = None,
         **kwargs: Any,
@@ -193,24 +228,29 @@ class GatewaySite(Site):
         super().__init__(resource, **kwargs)
         self.max_body_bytes = max_body_bytes
         self.trusted_proxies = frozenset(trusted_proxies)
-        self._counter = counter or _NoCounter()
+        self.observer: RequestObserver = observer or _NoObserver()
+        self.draining = False
+        #: Twisted's combined access line, kept until a structured access log replaces it.
+        self.combined_log = True
         self.inflight = inflight or InFlight()
         self.default_headers = dict(default_headers or {})
         self.channels: set[GatewayChannel] = set()
 
+    def log(self, request: http.Request) -> None:
+        if self.combined_log:
+            super().log(request)
+
     def begin(self, request: GatewayRequest) -> None:
-        """A request starts: count it in, and out again (by route and status) when it ends."""
+        """A request starts: count it in, and out again when it ends, and tell the observer."""
         self.inflight.begin()
 
         def ended(result: object) -> None:
-            self.count(request.endpoint, request.code)
-            self.inflight.end()
+            try:
+                self.observer.finished(request, lost=isinstance(result, Failure))
+            finally:
+                self.inflight.end()
 
         request.notifyFinish().addBoth(ended)
-
-    def count(self, endpoint: str, status: int) -> None:
-        """One request answered (or refused before it reached a route)."""
-        self._counter.request(endpoint, status)
 
     def close_connections(self) -> Deferred[Any]:
         """
@@ -254,6 +294,11 @@ class RequestSink:
         set_status(self.request, status)
         for name, value in headers.items():
             self.request.setHeader(name, value)
+        if isinstance(self.request, GatewayRequest):
+            # The proxy's own time before this first byte: total minus upstream waits.
+            request = self.request
+            overhead = request.trace.answering(request.now())
+            request.setHeader("x-llmproxy-overhead-ms", f"{overhead * 1000:.1f}")
 
     def write(self, data: bytes) -> None:
         if not self._gone:

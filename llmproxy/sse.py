@@ -24,6 +24,17 @@ class Event:
         """The chat/completions terminator, ``data: [DONE]``."""
         return self.data.strip() == "[DONE]"
 
+    @property
+    def is_comment(self) -> bool:
+        """
+        Comment lines only (``: PROCESSING``, a keep-alive): nothing a client
+        dispatches, and nothing the cache keeps.
+        """
+        if self.event is not None or self.data:
+            return False
+        lines = [line for line in self.raw.decode("utf-8", "replace").splitlines() if line]
+        return bool(lines) and all(line.startswith(":") for line in lines)
+
 
 def parse_event(raw: bytes) -> Event:
     name: str | None = None

@@ -199,9 +199,10 @@ class Harness:
         environ: dict[str, str] | None = None,
         clients: dict[str, UpstreamClient] | None = None,
         redis: SharedRedis | None = None,
+        source: str = "test",
     ) -> None:
         self.clock = Clock()
-        self.config: Config = parse_yaml(text or config_text(), "test", environ or {})
+        self.config: Config = parse_yaml(text or config_text(), source, environ or {})
         self.mocks = {name: MockUpstream(self.clock, name=name) for name in mocks}
         self.upstreams = {
             name: RequestTraversalAgent(m.app.resource()) for name, m in self.mocks.items()
@@ -215,6 +216,8 @@ class Harness:
         self.site = assembly.site
         #: The active health checks, when the config has them (not started).
         self.checks = assembly.checks
+        #: The gateway, to apply another config to (a reload).
+        self.gateway = assembly.gateway
         self.agent = SiteAgent(self.site)
         self.client: HTTPClient = upstream_client(self.agent)
 

@@ -34,6 +34,8 @@ class Entry:
     body: bytes
     stream: bool
     upstream: str
+    #: The upstream's model name (entries stored before it was kept have none).
+    model: str | None = None
 
     def encode(self) -> bytes:
         head = {
@@ -42,6 +44,7 @@ class Entry:
             "content_type": self.content_type,
             "stream": self.stream,
             "upstream": self.upstream,
+            "model": self.model,
         }
         return json.dumps(head).encode() + b"\n" + self.body
 
@@ -60,6 +63,7 @@ class Entry:
             body=body,
             stream=bool(head["stream"]),
             upstream=str(head["upstream"]),
+            model=str(head["model"]) if isinstance(head.get("model"), str) else None,
         )
 
 

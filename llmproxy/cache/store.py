@@ -87,6 +87,18 @@ class ResponseCache:
     log = Logger()
 
     def __init__(self, backend: CacheBackend | None, settings: config.Cache) -> None:
+        self.configure(backend, settings)
+        self.flights = Flights(self.max_record)
+        self._counts = dict.fromkeys(
+            ("hits", "misses", "stores", "errors", "bypass", "stored_bytes"), 0
+        )
+        self._skipped: dict[str, int] = {}
+
+    def configure(self, backend: CacheBackend | None, settings: config.Cache) -> None:
+        """
+        Use these settings from the next request on (a reload).  The counters
+        and the flights in progress are the process's and stay.
+        """
         self.backend = backend
         self.ttl = settings.ttl
         self.scope = settings.scope
@@ -95,11 +107,8 @@ class ResponseCache:
         self.max_record = (
             min(MAX_RECORD, settings.max_bytes) if settings.backend == "memory" else MAX_RECORD
         )
-        self.flights = Flights(self.max_record)
-        self._counts = dict.fromkeys(
-            ("hits", "misses", "stores", "errors", "bypass", "stored_bytes"), 0
-        )
-        self._skipped: dict[str, int] = {}
+        if hasattr(self, "flights"):
+            self.flights.max_record = self.max_record
 
     @property
     def default_verdict(self) -> Verdict:

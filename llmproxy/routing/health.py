@@ -224,6 +224,12 @@ class Health:
         """The breaker of ``target`` (read it; tell it things through this class)."""
         return self._breakers.setdefault(target.id, Breaker())
 
+    def inherit(self, previous: Health, target: Target) -> None:
+        """Share ``target``'s breaker with ``previous`` (the config before a reload)."""
+        found = previous._breakers.get(target.id)
+        if found is not None:
+            self._breakers[target.id] = found
+
     async def pull(self, targets: Sequence[Target]) -> None:
         """Adopt what the fleet knows of these targets."""
         for target in targets:

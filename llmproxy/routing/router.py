@@ -90,6 +90,22 @@ class Router:
             for name, model in self.models.items()
         }
 
+    def inherit(self, previous: Router) -> None:
+        """
+        Carry over what ``previous`` (the router of the config before a
+        reload) knows of the targets that did not change (same upstream
+        settings, same model): breaker and latency.  In-flight counts are
+        shared, since requests that began under the old config end there.
+        """
+        self._inflight = previous._inflight
+        for target in self.targets():
+            before = previous.upstreams.get(target.upstream)
+            if before is None or before != self.upstreams[target.upstream]:
+                continue
+            self.health.inherit(previous.health, target)
+            if target.id in previous._ttfb:
+                self._ttfb[target.id] = previous._ttfb[target.id]
+
     def model(self, name: str) -> Model | None:
         return self.models.get(name)
 

@@ -15,9 +15,12 @@ from a ``mock`` object in the request body (that request only)::
     delay                   seconds before the response headers
     hang                    never answer (until the client goes away)
     gate                    wait until ``POST /_mock/release`` (tests line requests up)
+    gate_after              send the headers and this many stream events, then wait
+                            until ``POST /_mock/release`` before the rest
     stall_after_headers     send the headers (and ``stall_after`` events), then nothing
     cut_after               close the connection after this many stream events
     interval                seconds between stream events
+    comment                 send ``: {comment}`` (an SSE comment) before each stream event
     words                   how many content deltas (default: the reply's words)
     infinite, chunk_bytes   stream filler events forever, as a push producer
     omit_done               end a chat stream cleanly but without ``data: [DONE]``
@@ -122,6 +125,9 @@ class _EventStream:
         self.stall_after = knobs.get("stall_after") if knobs.get("stall_after_headers") else None
         self.infinite = bool(knobs.get("infinite"))
         self.filler = _sse({"filler": "x" * int(knobs.get("chunk_bytes", 16384))})
+        self.comment = f": {knobs['comment']}\n\n".encode() if knobs.get("comment") else b""
+        self.gate_after = knobs.get("gate_after")
+        self.gate: Deferred[None] | None = None
         self.sent = 0
         self.paused = False
         self.stopped = False
@@ -149,6 +155,13 @@ class _EventStream:
             return
         if self.stall_after is not None and self.sent >= int(self.stall_after):
             return  # stalled: nothing more is ever written
+        if self.gate is not None and not self.gate.called:
+            return  # held until released
+        if self.gate_after is not None and self.sent >= int(self.gate_after):
+            self.gate_after = None  # held once
+            self.gate = self.mock.hold()
+            self.gate.addCallbacks(lambda _: self._schedule(0), lambda _: None)
+            return
         if self.sent < len(self.events):
             chunk = self.events[self.sent]
         elif self.infinite:
@@ -160,7 +173,7 @@ class _EventStream:
             return
         self.sent += 1
         self.mock.stats["bytes_streamed"] += len(chunk)
-        self.request.write(chunk)
+        self.request.write(self.comment + chunk)
         self._schedule(self.interval)
 
     def _stop(self) -> None:
@@ -168,6 +181,8 @@ class _EventStream:
         self.mock.stats["active_streams"] -= 1
         if self.call is not None and self.call.active():
             self.call.cancel()
+        if self.gate is not None and not self.gate.called:
+            self.gate.cancel()
 
     def _client_gone(self, reason: Failure) -> None:
         self._hung_up()
@@ -251,15 +266,19 @@ class MockUpstream:
         if knobs.get("hang"):
             return Deferred()  # cancelled by Klein when the client goes away
         if knobs.get("gate"):
-            gate: Deferred[None] = Deferred(lambda d: self.gated.remove(d))
-            self.gated.append(gate)
-            return gate
+            return self.hold()
         seconds = float(knobs.get("delay", 0))
         if seconds <= 0:
             return succeed(None)
         d: Deferred[None] = Deferred(lambda d: call.cancel())
         call = self.reactor.callLater(seconds, d.callback, None)
         return d
+
+    def hold(self) -> Deferred[None]:
+        """A wait that ``POST /_mock/release`` ends (cancelling it ends it too)."""
+        gate: Deferred[None] = Deferred(lambda d: self.gated.remove(d))
+        self.gated.append(gate)
+        return gate
 
     def _authorized(self, request: IRequest) -> bool:
         if self.api_key is None:
@@ -695,7 +714,7 @@ class MockUpstream:
 
     @app.route("/_mock/release", methods=["POST"])
     def release(self, request: IRequest) -> bytes:
-        """Let every request held by the ``gate`` knob go on."""
+        """Let every request (or stream) held by the ``gate`` (``gate_after``) knob go on."""
         gated, self.gated = self.gated, []
         for d in gated:
             d.callback(None)

@@ -247,19 +247,28 @@ def upstream_block(mocks: list[Mock], api_key: str | None = None, extra: str = "
 
 
 class RedisServer:
-    """A private ``redis-server`` on a free port, never the machine's own."""
+    """
+    A private ``redis-server`` on a free port, never the machine's own; with
+    ``replicaof``, a replica of that other one (``--replicaof``).
+    """
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, replicaof: RedisServer | None = None) -> None:
         self.binary = require_binary("redis-server", "redis-server")
         self.cli = require_binary("redis-cli", "redis-tools")
         self.workdir = workdir
         self.port = free_port()
+        self.replicaof = replicaof
         self.process: Process | None = None
         self.start()
 
     def start(self) -> None:
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
         args += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
+        # A replica writes the master's snapshot to disk: one file per server.
+        # A master sends it at once (Redis waits 5 s for more replicas to come).
+        args += ["--dbfilename", f"redis-{self.port}.rdb", "--repl-diskless-sync-delay", "0"]
+        if self.replicaof is not None:
+            args += ["--replicaof", "127.0.0.1", str(self.replicaof.port)]
         self.process = Process(args, self.workdir / f"redis-{self.port}.log")
         wait_for(self.ping, what=f"redis-server on port {self.port}")
 
@@ -286,6 +295,22 @@ class RedisServer:
     def resume(self) -> None:
         assert self.process is not None
         self.process.signal(signal.SIGCONT)
+
+    def role(self) -> str:
+        """``master`` or ``slave``, as the server itself says (``ROLE``)."""
+        return self.cli_call("ROLE").split("\n", 1)[0]
+
+    def synced(self) -> bool:
+        """A replica that has finished its first sync with its master."""
+        return "master_link_status:up" in self.cli_call("INFO", "replication")
+
+    def kill(self) -> None:
+        """Crash it (SIGKILL): no shutdown, no goodbye to its clients or replicas."""
+        if self.process is not None:
+            self.resume()
+            self.process.signal(signal.SIGKILL)
+            self.process.stop()
+            self.process = None
 
     def stop(self) -> None:
         if self.process is not None:
@@ -317,3 +342,113 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
     # After "pid (comm)": fields[11] is utime and fields[12] is stime, in clock ticks.
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def sentinel_command(config: Path) -> list[str]:
+    """
+    The command line of a sentinel reading ``config``: ``redis-sentinel``, or
+    ``redis-server --sentinel`` (the same program); an AssertionError that says
+    how to install it when neither is there.
+    """
+    sentinel = shutil.which("redis-sentinel")
+    if sentinel is not None:
+        return [sentinel, str(config)]
+    server = shutil.which("redis-server") or (
+        "/usr/sbin/redis-server" if Path("/usr/sbin/redis-server").exists() else None
+    )
+    if server is None:
+        raise AssertionError(
+            "this needs Redis Sentinel (`redis-sentinel`, or `redis-server --sentinel`), "
+            "which is not installed: run `apt-get install -y redis-server redis-sentinel` "
+            "(Debian/Ubuntu) and try again"
+        )
+    return [server, str(config), "--sentinel"]
+
+
+def _records(text: str) -> list[dict[str, str]]:
+    """The maps of a ``redis-cli --raw`` list of maps (each one starts with ``name``)."""
+    lines = text.split("\n")
+    found: list[dict[str, str]] = []
+    for key, value in zip(lines[::2], lines[1::2], strict=False):
+        if key == "name":
+            found.append({})
+        if found:
+            found[-1][key] = value
+    return found
+
+
+class RedisSentinel:
+    """
+    A private Redis Sentinel on a free port, watching ``master`` under the name
+    ``name``.  Its config file (which Sentinel rewrites as it learns) is in
+    ``workdir``.  ``down_after`` and ``failover_timeout`` are in milliseconds,
+    short so that a test's failover takes a second or two.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        master: RedisServer,
+        name: str = "llmproxy",
+        quorum: int = 1,
+        down_after: int = 500,
+        failover_timeout: int = 2000,
+    ) -> None:
+        self.cli = require_binary("redis-cli", "redis-tools")
+        self.workdir = workdir
+        self.name = name
+        self.port = free_port()
+        self.config_path = workdir / f"sentinel-{self.port}.conf"
+        self.config_path.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndaemonize no\ndir {workdir}\n"
+            f"sentinel monitor {name} 127.0.0.1 {master.port} {quorum}\n"
+            f"sentinel down-after-milliseconds {name} {down_after}\n"
+            f"sentinel failover-timeout {name} {failover_timeout}\n"
+            f"sentinel parallel-syncs {name} 1\n"
+        )
+        self.process = Process(
+            sentinel_command(self.config_path), workdir / f"sentinel-{self.port}.log"
+        )
+        self.process.wait_listening(self.port, f"sentinel on port {self.port}")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def cli_call(self, *args: str) -> str:
+        done = subprocess.run(
+            [self.cli, "-p", str(self.port), "--raw", *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return done.stdout.strip()
+
+    def master_port(self) -> int | None:
+        """The port of the server this sentinel names as the master now."""
+        reply = self.cli_call("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.name).split()
+        return int(reply[1]) if len(reply) == 2 and reply[1].isdigit() else None
+
+    def replicas(self) -> list[dict[str, str]]:
+        """What this sentinel knows of the master's replicas (``SENTINEL REPLICAS``)."""
+        return _records(self.cli_call("SENTINEL", "REPLICAS", self.name))
+
+    def sentinels(self) -> list[dict[str, str]]:
+        """The other sentinels this one knows of (``SENTINEL SENTINELS``)."""
+        return _records(self.cli_call("SENTINEL", "SENTINELS", self.name))
+
+    def ready(self, replicas: int, others: int = 0) -> bool:
+        """It sees ``replicas`` healthy, synced replicas and ``others`` other sentinels."""
+        healthy = [
+            r
+            for r in self.replicas()
+            if r.get("flags") == "slave" and r.get("master-link-status") == "ok"
+        ]
+        return len(healthy) >= replicas and len(self.sentinels()) >= others
+
+    def failover(self) -> bool:
+        """Ask for a failover now (``SENTINEL FAILOVER``); False while it cannot start one."""
+        return self.cli_call("SENTINEL", "FAILOVER", self.name) == "OK"
+
+    def stop(self) -> None:
+        self.process.stop()

@@ -1,6 +1,9 @@
 """
 How the proxy connects to its upstreams: one treq client and connection pool
 per upstream, owned by the :class:`UpstreamPools` service (closed on stop).
+A reload keeps the pool of an upstream whose settings did not change, makes
+one for a new or changed upstream, and retires the others: a retired pool
+closes its idle connections at once and each busy one as its answer ends.
 
 The client keeps no cookies (a shared jar would leak them between tenants),
 follows no redirects (the forwarder asks it not to), retries nothing on its own
@@ -123,20 +126,52 @@ def upstream_client(agent: IAgent) -> HTTPClient:
     return HTTPClient(agent, cookiejar=NoCookies(), data_to_body_producer=BytesProducer)
 
 
+class UpstreamPool(HTTPConnectionPool):
+    """A connection pool that can be retired: then it keeps no connection it is given back."""
+
+    retired = False
+
+    def retire(self) -> Deferred[Any]:
+        """Close the idle connections now, and each busy one when its answer is over."""
+        self.retired = True
+        return self.closeCachedConnections()
+
+    def _putConnection(self, key: Any, connection: Any) -> None:  # noqa: N802 - an override
+        # The one hook twisted.web's pool has for a connection coming back idle.
+        if self.retired:
+            connection.transport.loseConnection()
+            return
+        super()._putConnection(key, connection)
+
+
 class UpstreamPools(Service):
     """One connection pool and client per upstream; the pools close when the service stops."""
 
     def __init__(self, reactor: Any, upstreams: Mapping[str, Upstream]) -> None:
-        self.pools: dict[str, HTTPConnectionPool] = {}
+        self.reactor = reactor
+        self.upstreams: dict[str, Upstream] = {}
+        self.pools: dict[str, UpstreamPool] = {}
         self.clients: dict[str, UpstreamClient] = {}
+        self.update(upstreams)
+
+    def update(self, upstreams: Mapping[str, Upstream]) -> Mapping[str, UpstreamClient]:
+        """The clients for ``upstreams``, keeping the pools of those that did not change."""
+        for name in list(self.pools):
+            if upstreams.get(name) != self.upstreams[name]:
+                self.pools.pop(name).retire()
+                del self.clients[name], self.upstreams[name]
         for name, upstream in upstreams.items():
-            pool = HTTPConnectionPool(reactor, persistent=True)
+            if name in self.pools:
+                continue
+            pool = UpstreamPool(self.reactor, persistent=True)
             pool.maxPersistentPerHost = upstream.max_connections
             pool.retryAutomatically = False  # a retry is the router's decision
-            endpoints = UpstreamEndpoints(reactor, upstream.timeouts.connect)
-            agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
+            endpoints = UpstreamEndpoints(self.reactor, upstream.timeouts.connect)
+            agent = Agent.usingEndpointFactory(self.reactor, endpoints, pool=pool)
+            self.upstreams[name] = upstream
             self.pools[name] = pool
             self.clients[name] = upstream_client(agent)
+        return dict(self.clients)
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()

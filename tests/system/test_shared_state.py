@@ -17,7 +17,7 @@ from twisted.internet import reactor
 from twisted.internet.task import Clock, deferLater
 
 from llmproxy.auth import Principal
-from llmproxy.config import ApiKey, Cooldown, Target
+from llmproxy.config import ApiKey, Cooldown, Redis, Target
 from llmproxy.errors import APIError
 from llmproxy.failures import Kind, UpstreamFailure
 from llmproxy.limits import Limiter, MemoryLimiter, RedisLimiter
@@ -45,7 +45,7 @@ async def connected(redis: SharedRedis, timeout: float = 10.0) -> None:
 
 @pytest_twisted.async_yield_fixture
 async def redis(redis_server: RedisServer) -> AsyncIterator[SharedRedis]:
-    shared = SharedRedis(reactor, redis_server.url, 2.0)
+    shared = SharedRedis(reactor, Redis(url=redis_server.url, timeout=2.0))
     shared.startService()
     await connected(shared)
     yield shared

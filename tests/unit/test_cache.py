@@ -10,6 +10,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from llmproxy.cache import MemoryBackend, cache_key, parse_controls
+from llmproxy.config import Redis
 from llmproxy.errors import APIError
 from llmproxy.redisclient import SharedRedis
 from tests.harness import Answer, Harness, chat, config_text, events, hang_up
@@ -304,7 +305,7 @@ class BackendTests(SynchronousTestCase):
         assert ask(h, chat("fill 0")).header("x-llmproxy-cache") == "miss"
 
     def test_backend_trouble_is_a_miss_never_a_failure(self) -> None:
-        redis = SharedRedis(Clock(), "redis://gone", 0.25, connection=GoneRedis())
+        redis = SharedRedis(Clock(), Redis(url="redis://gone"), connection=GoneRedis())
         h = Harness(
             config_text() + "redis: {url: 'redis://gone'}\ncache: {backend: redis}\n", redis=redis
         )

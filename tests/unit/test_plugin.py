@@ -57,7 +57,7 @@ class PluginTests(SynchronousTestCase):
         assert options["listen"] == ["tcp:0:interface=127.0.0.1", "tcp:0"]
         service = makeService(options)
         collection = IServiceCollection(service)
-        assert {s.name for s in collection} == {"http", "upstreams"}
+        assert {s.name for s in collection} == {"http", "upstreams", "signals"}
         http = collection.getServiceNamed("http")
         assert getattr(http, "listen", None) == ("tcp:0:interface=127.0.0.1", "tcp:0")
 

@@ -9,7 +9,10 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from llmproxy.config import Redis
 from llmproxy.redisclient import RedisUnavailable, SharedRedis
+
+URL = Redis(url="redis://x", timeout=0.25)
 
 
 class Connection:
@@ -31,7 +34,7 @@ def get(redis: SharedRedis) -> Deferred[Any]:
 class BackoffTests(SynchronousTestCase):
     def test_a_refused_command_is_that_calls_problem_alone(self) -> None:
         connection = Connection()
-        redis = SharedRedis(Clock(), "redis://x", 0.25, connection=connection)
+        redis = SharedRedis(Clock(), URL, connection=connection)
         for error in (
             txredisapi.InvalidData("cannot encode"),
             txredisapi.ResponseError("ERR invalid expire time"),
@@ -45,7 +48,7 @@ class BackoffTests(SynchronousTestCase):
     def test_connection_trouble_makes_later_calls_fail_fast(self) -> None:
         clock = Clock()
         connection = Connection()
-        redis = SharedRedis(clock, "redis://x", 0.25, connection=connection)
+        redis = SharedRedis(clock, URL, connection=connection)
         connection.error = txredisapi.ConnectionError("Not connected")
         self.failureResultOf(get(redis), RedisUnavailable)
         self.failureResultOf(get(redis), RedisUnavailable)  # Redis is away: not asked again
@@ -58,7 +61,7 @@ class BackoffTests(SynchronousTestCase):
     def test_a_call_that_never_answers_times_out_then_fails_fast(self) -> None:
         clock = Clock()
         connection = Connection()
-        redis = SharedRedis(clock, "redis://x", 0.25, connection=connection)
+        redis = SharedRedis(clock, URL, connection=connection)
         pending = get(redis)
         self.assertNoResult(pending)
         clock.advance(0.25)

@@ -7,9 +7,13 @@ from typing import Any
 
 import treq
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import SynchronousTestCase
 
 from llmproxy.failures import Kind, UpstreamFailure
+from llmproxy.relay import KEEPALIVE, KeepAlive
+from llmproxy.sse import SSEParser
 from llmproxy.upstream.exchange import BodyStream
 from tests.harness import Harness, chat, config_text, events, hang_up
 
@@ -193,3 +197,156 @@ class DisconnectTests(SynchronousTestCase):
         timeout = self.failureResultOf(stream.done, UpstreamFailure).value
         assert timeout.client_slow and not timeout.counts_against()
         assert UpstreamFailure(Kind.TIMEOUT, "total timeout").counts_against()
+
+
+def keepalive_timers(h: Harness) -> list[IDelayedCall]:
+    """The keep-alive timers pending on the harness's clock."""
+    return [
+        call
+        for call in h.clock.getDelayedCalls()
+        if getattr(getattr(call, "func", None), "__func__", None) is KeepAlive._beat
+    ]
+
+
+def shape(body: bytes) -> list[str]:
+    """A stream's blocks told apart: ``ka`` (our comment), ``[DONE]``, ``error``, ``event``."""
+    found = []
+    for block in events(body):
+        if block == KEEPALIVE.decode().strip():
+            found.append("ka")
+        elif block == "data: [DONE]":
+            found.append("[DONE]")
+        elif block.startswith("event: error\n"):
+            found.append("error")
+        else:
+            found.append("event")
+    return found
+
+
+class Reader(Protocol):
+    """A client reading a stream as it comes, which can hang up."""
+
+    def __init__(self) -> None:
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def hang_up(self) -> None:
+        assert self.transport is not None
+        self.transport.stopProducing()  # type: ignore[attr-defined]
+
+
+class KeepAliveTests(SynchronousTestCase):
+    """``: keep-alive`` comments while the upstream is silent (``server.sse_keepalive``)."""
+
+    #: A reply in 4 events, 40 s apart: role (t=0), "hi" (40), finish (80), [DONE] (120),
+    #: then the mock closes the stream at t=160.
+    SLOW = {"text": "hi", "interval": 40}
+
+    def test_a_silence_gets_a_keepalive_at_each_interval_and_not_before(self) -> None:
+        h = Harness()
+        response, chunks, done = collect_stream(h, chat(stream=True, mock=self.SLOW))
+        h.tick(14)
+        assert b"".join(chunks).count(b"\n\n") == 1 and KEEPALIVE not in b"".join(chunks)
+        h.tick(1)  # 15 s of silence since the headers
+        assert b"".join(chunks).endswith(b"}\n\n" + KEEPALIVE)
+        h.tick(14)
+        assert b"".join(chunks).count(KEEPALIVE) == 1
+        h.tick(1)
+        assert b"".join(chunks).count(KEEPALIVE) == 2
+        h.tick(10, 20)
+        h.result(done)
+
+    def test_each_event_starts_the_silence_again(self) -> None:
+        h = Harness()
+        response, chunks, done = collect_stream(h, chat(stream=True, mock=self.SLOW))
+        h.tick(1, 170)
+        h.result(done)
+        # 40 s between events: comments at +15 and +30 after each; none after [DONE],
+        # though the upstream took 40 s more to close the stream.
+        assert shape(b"".join(chunks)) == ["event", "ka", "ka"] * 3 + ["[DONE]"]
+
+    def test_events_closer_than_the_interval_need_no_keepalive(self) -> None:
+        h = Harness()
+        response, chunks, done = collect_stream(
+            h, chat(stream=True, mock={"text": "a b c d e f", "interval": 10})
+        )
+        h.tick(1, 100)  # 9 events in 90 s, never 15 s of silence
+        h.result(done)
+        assert KEEPALIVE not in b"".join(chunks)
+        assert events(b"".join(chunks))[-1] == "data: [DONE]"
+
+    def test_no_keepalive_after_a_cut(self) -> None:
+        h = Harness()
+        response, chunks, done = collect_stream(
+            h, chat(stream=True, mock={**self.SLOW, "cut_after": 2})
+        )
+        h.tick(5, 20)  # cut at t=80
+        h.result(done)
+        found = shape(b"".join(chunks))
+        assert found == ["event", "ka", "ka", "event", "ka", "ka", "error"]
+        assert keepalive_timers(h) == []
+
+    def test_no_keepalive_after_the_client_left(self) -> None:
+        body = chat(stream=True, mock=self.SLOW)
+        for cache in ("memory", "off"):  # through a single flight, and straight to the client
+            h = Harness(config_text(extra=f"cache: {{backend: {cache}}}\n"))
+            response = h.result(h.start("POST", "/v1/chat/completions", body))
+            reader = Reader()
+            response.deliverBody(reader)
+            h.tick(15)
+            assert reader.received.endswith(b"}\n\n" + KEEPALIVE)
+            assert len(keepalive_timers(h)) == 1
+            reader.hang_up()
+            h.pump()
+            assert h.mocks["a"].stats["disconnects"] == 1
+            assert keepalive_timers(h) == []
+
+    def test_zero_switches_keepalives_off(self) -> None:
+        h = Harness(config_text(extra="server: {sse_keepalive: 0}\n"))
+        response, chunks, done = collect_stream(h, chat(stream=True, mock=self.SLOW))
+        h.tick(1)
+        assert keepalive_timers(h) == []
+        h.tick(10, 20)
+        h.result(done)
+        assert KEEPALIVE not in b"".join(chunks)
+        assert events(b"".join(chunks))[-1] == "data: [DONE]"
+
+    def test_no_comment_is_cached_neither_ours_nor_the_upstreams(self) -> None:
+        h = Harness()
+        body = chat(stream=True, mock={**self.SLOW, "comment": "PROCESSING"})
+        response, chunks, done = collect_stream(h, body)
+        h.tick(10, 20)
+        h.result(done)
+        live = b"".join(chunks)
+        # The live client got both kinds of comment: the upstream's before each event.
+        assert live.count(KEEPALIVE) == 6 and live.count(b": PROCESSING\n\n") == 4
+        hit = h.request("POST", "/v1/chat/completions", body)
+        assert hit.header("x-llmproxy-cache") == "hit"
+        assert hit.body == live.replace(KEEPALIVE, b"").replace(b": PROCESSING\n\n", b"")
+        assert not [line for line in hit.body.split(b"\n") if line.startswith(b":")]
+        assert events(hit.body)[-1] == "data: [DONE]"
+        assert len(h.seen()) == 1
+
+    def test_only_comment_lines_make_a_comment(self) -> None:
+        parsed = SSEParser().feed(
+            b": PROCESSING\n\n:\r\n\r\n: note\ndata: x\n\ndata:\n\nid: 7\n\nevent: ping\n\n"
+        )
+        assert [e.is_comment for e in parsed] == [True, True, False, False, False, False]
+
+    def test_keepalives_do_not_hold_off_the_upstream_idle_timeout(self) -> None:
+        h = Harness(config_text(timeouts="{idle: 50}"))
+        response, chunks, done = collect_stream(
+            h, chat(stream=True, mock={"stall_after_headers": True, "stall_after": 2})
+        )
+        h.tick(5, 9)
+        self.assertNoResult(done)
+        h.tick(5)  # 50 s of upstream silence, though the client got a comment every 15 s
+        h.result(done)
+        assert shape(b"".join(chunks)) == ["event", "event", "ka", "ka", "ka", "error"]
+        found = events(b"".join(chunks))
+        error = json.loads(found[-1].split("data: ", 1)[1])["error"]
+        assert error["code"] == "upstream_timeout" and "idle timeout of 50s" in error["message"]
+        assert h.mocks["a"].stats["disconnects"] == 1
+        assert keepalive_timers(h) == []

@@ -1,0 +1,338 @@
+"""
+``--workers N``: one port, every core.
+
+The parent (:class:`Supervisor`) binds each ``--listen`` endpoint once, before
+it drops privileges, stops accepting on it, and starts N worker processes,
+each a ``twistd -n llmproxy --worker I --inherit FD:FAMILY`` that adopts the
+listening sockets with ``reactor.adoptStreamPort`` and serves them.  The
+kernel hands each new connection to whichever worker accepts first.
+
+Why inherited sockets rather than ``SO_REUSEPORT``: the port stays bound while
+a worker restarts (no connection is refused in between), it works for every
+stream endpoint Twisted can listen on (TCP, IPv6, UNIX sockets, port 0), and
+no other process of the same user can join the port and take a share of the
+traffic, which ``SO_REUSEPORT`` allows.
+
+The parent then supervises:
+
+* a worker that dies is restarted, with a back-off that doubles up to 30 s
+  (and starts again from 0.5 s once a worker has run for a minute);
+* SIGTERM and SIGINT stop the parent's tree: every worker gets SIGTERM and
+  drains; the parent exits once all have exited (SIGKILL after the drain
+  deadline);
+* SIGHUP (reload) and SIGUSR1 (reopen the access log) are passed on to every
+  worker.
+
+A worker reads its stdin, a pipe from the parent: when the parent is gone
+(even by SIGKILL) the pipe closes and the worker drains and exits, so no
+orphan keeps serving.  The workers write their metrics into one
+``PROMETHEUS_MULTIPROC_DIR`` the parent creates (and removes), so any worker
+answers ``/metrics`` for the whole fleet.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet import endpoints
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+#: Back-off before restarting a worker that died: first, and at most.
+RESTART_FIRST = 0.5
+RESTART_MAX = 30.0
+#: A worker that ran this long before it died starts the back-off afresh.
+RESTART_RESET_AFTER = 60.0
+
+FAMILIES = {"INET": socket.AF_INET, "INET6": socket.AF_INET6, "UNIX": socket.AF_UNIX}
+
+
+@attrs.frozen
+class Inherited:
+    """A listening socket a worker got from its parent: ``FD:FAMILY``."""
+
+    fd: int
+    family: str
+
+    @classmethod
+    def parse(cls, text: str) -> Inherited:
+        fd, _, family = text.partition(":")
+        if not fd.isdigit() or family not in FAMILIES:
+            raise ValueError(f"expected FD:INET|INET6|UNIX, got '{text}'")
+        return cls(int(fd), family)
+
+    def __str__(self) -> str:
+        return f"{self.fd}:{self.family}"
+
+
+def worker_count(text: str) -> int:
+    """``--workers``: a positive number, or ``auto`` for the CPUs this process may use."""
+    if text == "auto":
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not Linux
+            return max(1, os.cpu_count() or 1)
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"expected a positive number or 'auto', got '{text}'")
+    return int(text)
+
+
+def _family(port: IListeningPort) -> str:
+    host = port.getHost()
+    if isinstance(host, IPv6Address):
+        return "INET6"
+    if isinstance(host, IPv4Address):
+        return "INET"
+    if isinstance(host, UNIXAddress):
+        return "UNIX"
+    raise ValueError(f"cannot hand a {type(host).__name__} socket to workers")
+
+
+def bind(reactor: Any, description: str) -> IListeningPort:
+    """Listen on ``description`` in this process, but accept nothing: the workers will."""
+    listening: list[Any] = []
+    endpoints.serverFromString(reactor, description).listen(Factory.forProtocol(Protocol)).addBoth(
+        listening.append
+    )
+    if not listening:
+        raise ValueError("this kind of endpoint cannot be shared with workers")
+    if isinstance(listening[0], Failure):
+        listening[0].raiseException()
+    port: IListeningPort = listening[0]
+    port.stopReading()  # type: ignore[attr-defined]
+    return port
+
+
+class _Worker(ProcessProtocol):
+    """One worker process, as its parent sees it."""
+
+    def __init__(self, supervisor: Supervisor, index: int, started: float) -> None:
+        self.supervisor = supervisor
+        self.index = index
+        self.started = started
+        self.pid: int | None = None
+        self.ended: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.pid = self.transport.pid
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(None)
+        self.supervisor.ended(self, reason)
+
+    def signal(self, sig: int) -> None:
+        try:
+            if self.transport is not None:
+                self.transport.signalProcess(sig)
+        except (ProcessExitedAlready, OSError):
+            pass
+
+
+class Supervisor(Service):
+    """The parent of ``--workers N``: binds, starts, restarts, signals and outlives them."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        count: int,
+        listen: Sequence[str],
+        worker_args: Callable[[int, Sequence[Inherited]], list[str]],
+        drain_seconds: float,
+    ) -> None:
+        self.reactor = reactor
+        self.count = count
+        self.listen = tuple(listen)
+        self.worker_args = worker_args
+        self.drain_seconds = drain_seconds
+        self.ports: list[IListeningPort] = []
+        self.inherited: list[Inherited] = []
+        self.workers: dict[int, _Worker] = {}
+        self._backoff: dict[int, float] = {}
+        self._restarts: dict[int, Any] = {}
+        self.metrics_dir = ""
+        self._stopping = False
+
+    def privilegedStartService(self) -> None:
+        """Bind every endpoint before twistd drops privileges; fail the start if one cannot be."""
+        super().privilegedStartService()
+        for description in self.listen:
+            try:
+                port = bind(self.reactor, description)
+                family = _family(port)
+            except Exception as e:  # noqa: BLE001 - any reason not to listen ends the start
+                raise SystemExit(f"llmproxy: cannot listen on {description}: {e}") from None
+            self.ports.append(port)
+            self.inherited.append(Inherited(port.fileno(), family))  # type: ignore[attr-defined]
+            self.log.info("llmproxy listening on {description}", description=description)
+
+    def startService(self) -> None:
+        super().startService()
+        self.metrics_dir = tempfile.mkdtemp(prefix="llmproxy-metrics-")
+        self.log.info("starting {count} workers", count=self.count)
+        for index in range(self.count):
+            self._spawn(index)
+
+    def _spawn(self, index: int) -> None:
+        self._restarts.pop(index, None)
+        worker = _Worker(self, index, self.reactor.seconds())
+        fds: dict[int, Any] = {0: "w", 1: 1, 2: 2}
+        for inherited in self.inherited:
+            fds[inherited.fd] = inherited.fd
+        env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=self.metrics_dir)
+        args = self.worker_args(index, self.inherited)
+        self.reactor.spawnProcess(worker, args[0], args, env=env, childFDs=fds)
+        self.workers[index] = worker
+        self.log.info("worker {index} started (pid {pid})", index=index, pid=worker.pid)
+
+    def ended(self, worker: _Worker, reason: Failure) -> None:
+        """A worker exited: restart it, unless the fleet is stopping."""
+        if self.workers.get(worker.index) is worker:
+            del self.workers[worker.index]
+        if worker.pid is not None:
+            _forget_metrics(worker.pid, self.metrics_dir)
+        if self._stopping:
+            return
+        ran = self.reactor.seconds() - worker.started
+        delay = self._backoff.get(worker.index, 0.0)
+        delay = RESTART_FIRST if ran >= RESTART_RESET_AFTER or not delay else delay * 2
+        delay = min(delay, RESTART_MAX)
+        self._backoff[worker.index] = delay
+        how = "exited" if isinstance(reason.value, ProcessDone) else str(reason.value)
+        self.log.warn(
+            "worker {index} (pid {pid}) {how} after {ran:.1f}s; restarting in {delay:.1f}s",
+            index=worker.index,
+            pid=worker.pid,
+            how=how,
+            ran=ran,
+            delay=delay,
+        )
+        self._restarts[worker.index] = self.reactor.callLater(delay, self._spawn, worker.index)
+
+    def signal_all(self, sig: int) -> None:
+        """Pass a signal on to every worker (SIGHUP: reload; SIGUSR1: reopen logs)."""
+        self.log.info(
+            "passing {signal} to {count} workers",
+            signal=signal.Signals(sig).name,
+            count=len(self.workers),
+        )
+        for worker in self.workers.values():
+            worker.signal(sig)
+
+    def pids(self) -> dict[int, int | None]:
+        """Each running worker's pid, by index."""
+        return {index: worker.pid for index, worker in sorted(self.workers.items())}
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self._stopping = True
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        for pending in self._restarts.values():
+            if pending.active():
+                pending.cancel()
+        self._restarts.clear()
+        # Nobody accepts on the parent's copy; closing it lets the port go once
+        # the workers have closed theirs.
+        for port in self.ports:
+            port.connectionLost(None)  # type: ignore[attr-defined]
+        running = list(self.workers.values())
+        for worker in running:
+            worker.signal(signal.SIGTERM)
+        waiting = DeferredList([w.ended for w in running])
+        deadline = self.reactor.callLater(self.drain_seconds + 5.0, self._kill, running)
+        await waiting
+        if deadline.active():
+            deadline.cancel()
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        self.log.info("all workers have exited")
+
+    def _kill(self, workers: Sequence[_Worker]) -> None:
+        for worker in workers:
+            if not worker.ended.called:
+                self.log.warn("worker {index} did not drain in time: killed", index=worker.index)
+                worker.signal(signal.SIGKILL)
+
+
+def _forget_metrics(pid: int, path: str) -> None:
+    """A dead worker's live gauges must not count any more."""
+    if not path or not os.path.isdir(path):
+        return
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, path)
+
+
+class ParentWatch:
+    """
+    In a worker: stdin is a pipe from the parent, and its end means the parent
+    is gone.  Then the worker stops (and drains) instead of serving on as an
+    orphan.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, gone: Callable[[], object], fd: int = 0) -> None:
+        self.reactor = reactor
+        self.gone = gone
+        self.fd = fd
+
+    def start(self) -> None:
+        os.set_blocking(self.fd, False)
+        self.reactor.addReader(self)
+
+    def stop(self) -> None:
+        self.reactor.removeReader(self)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def doRead(self) -> None:
+        try:
+            data = os.read(self.fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.stop()
+            self.log.warn("the parent process is gone; stopping")
+            self.gone()
+
+    def connectionLost(self, reason: Failure) -> None:
+        pass
+
+    def logPrefix(self) -> str:
+        return "parent-watch"
+
+
+def worker_command(
+    config_path: str | None, index: int, inherited: Sequence[Inherited]
+) -> list[str]:
+    """The command line of worker ``index``: this interpreter's twistd, in the foreground."""
+    # twistd itself, whatever its script is called here (`python -m twisted` is `twist`).
+    twistd = "from twisted.scripts.twistd import run; run()"
+    args = [sys.executable, "-c", twistd, "--pidfile=", "-n", "llmproxy"]
+    if config_path is not None:
+        args += ["--config", os.path.abspath(config_path)]
+    args += ["--worker", str(index)]
+    for socket_ in inherited:
+        args += ["--inherit", str(socket_)]
+    return args
