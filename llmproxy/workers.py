@@ -18,8 +18,8 @@ The parent then supervises:
 * a worker that dies is restarted, with a back-off that doubles up to 30 s
   (and starts again from 0.5 s once a worker has run for a minute);
 * SIGTERM and SIGINT stop the parent's tree: every worker gets SIGTERM and
-  drains; the parent exits once all have exited (SIGKILL after the drain
-  deadline);
+  drains; the parent exits 0 once all have exited (SIGKILL after the drain
+  deadline, and then the parent dies of the signal it got, as twistd does);
 * SIGHUP (reload) and SIGUSR1 (reopen the access log) are passed on to every
   worker.
 
@@ -214,7 +214,14 @@ class Supervisor(Service):
         delay = RESTART_FIRST if ran >= RESTART_RESET_AFTER or not delay else delay * 2
         delay = min(delay, RESTART_MAX)
         self._backoff[worker.index] = delay
-        how = "exited" if isinstance(reason.value, ProcessDone) else str(reason.value)
+        status = getattr(reason.value, "exitCode", None)
+        killed = getattr(reason.value, "signal", None)
+        if isinstance(reason.value, ProcessDone):
+            how = "exited"
+        elif killed is not None:
+            how = f"was killed by signal {killed}"
+        else:
+            how = f"exited with status {status}"
         self.log.warn(
             "worker {index} (pid {pid}) {how} after {ran:.1f}s; restarting in {delay:.1f}s",
             index=worker.index,
@@ -259,10 +266,16 @@ class Supervisor(Service):
         waiting = DeferredList([w.ended for w in running])
         deadline = self.reactor.callLater(self.drain_seconds + 5.0, self._kill, running)
         await waiting
-        if deadline.active():
+        drained = deadline.active()
+        if drained:
             deadline.cancel()
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
         self.log.info("all workers have exited")
+        if drained:
+            # twistd ends a process stopped by SIGTERM by killing itself with
+            # that signal again; a fleet that drained in time exits 0 instead,
+            # so that a service manager sees a clean stop.
+            self.reactor._exitSignal = None
 
     def _kill(self, workers: Sequence[_Worker]) -> None:
         for worker in workers:

@@ -11,6 +11,7 @@ Nothing here imports the reactor: it runs from plain pytest tests and scripts.
 from __future__ import annotations
 
 import ctypes
+import http.client
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -216,6 +218,7 @@ class Proxy(Server):
         name: str = "proxy",
         env: dict[str, str] | None = None,
         timeout: float = 15.0,
+        workers: int = 1,
     ) -> None:
         self.port = free_port()
         self.config_path = workdir / f"{name}.yaml"
@@ -227,6 +230,8 @@ class Proxy(Server):
             "--listen",
             f"tcp:{self.port}:interface=127.0.0.1",
         )
+        if workers != 1:
+            args += ["--workers", str(workers)]
         self.process = Process(args, workdir / f"{name}.log", env=env, cwd=workdir)
         self.process.wait_listening(self.port, "llmproxy", timeout)
 
@@ -331,6 +336,15 @@ def proc_status(pid: int) -> dict[str, int]:
     except OSError:
         pass
     return found
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (the workers of a ``--workers`` parent), on Linux."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
 
 
 def cpu_seconds(pid: int) -> float:
@@ -452,3 +466,66 @@ class RedisSentinel:
 
     def stop(self) -> None:
         self.process.stop()
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An HTTP answer as a test reads it: status, lower-cased headers, body."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def exchange(
+    conn: http.client.HTTPConnection,
+    method: str,
+    path: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+) -> Reply:
+    """One request on ``conn`` (a JSON body when ``body`` is given), whatever its status."""
+    sent = dict(headers or {})
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        sent.setdefault("Content-Type", "application/json")
+    conn.request(method, path, data, sent)
+    response = conn.getresponse()
+    found = response.read()
+    return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, found)
+
+
+def http_call(
+    port: int,
+    method: str,
+    path: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> Reply:
+    """One request on a connection of its own (with ``--workers``, any worker may take it)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        return exchange(conn, method, path, body, headers)
+    finally:
+        conn.close()
+
+
+def workers_answering(port: int, count: int, timeout: float = 15.0) -> dict[int, int]:
+    """
+    The pid and index of each worker that answers ``GET /health`` on ``port``,
+    asked on fresh connections until ``count`` different ones have answered.
+    """
+    seen: dict[int, int] = {}
+
+    def all_answered() -> bool:
+        worker = http_call(port, "GET", "/health").json()["worker"]
+        seen[worker["pid"]] = worker["index"]
+        return len(seen) >= count
+
+    wait_for(all_answered, timeout, what=f"{count} workers answering on port {port}")
+    return seen
