@@ -57,7 +57,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 import twisted
-from llmproxy.testing.processes import Mock, Proxy, cpu_seconds, proc_status
+from llmproxy.testing.processes import Mock, Proxy, children, cpu_seconds, proc_status
 
 MODEL = "gpt-4o-mini"
 HEADERS = Headers({b"Content-Type": [b"application/json"]})
@@ -403,6 +403,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--startup-timeout", type=float, default=30.0, help="deadline for each process to start"
     )
+    parser.add_argument("--workers", type=int, default=1, help="the proxy's --workers (default 1)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     parser.add_argument(
         "--keep", action="store_true", help="keep the temporary directory (config and logs)"
@@ -413,6 +414,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
+def fleet_cpu(pid: int) -> float:
+    """CPU seconds of the proxy and, with --workers, of its workers."""
+    return cpu_seconds(pid) + sum(cpu_seconds(child) for child in children(pid))
+
+
+def fleet_status(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (KiB) of the proxy and its workers, summed."""
+    total: dict[str, int] = {}
+    for each in [pid, *children(pid)]:
+        for key, value in proc_status(each).items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
 async def run_bench(
     reactor: Any, args: argparse.Namespace, mock: Mock, proxy: Proxy
 ) -> dict[str, Any]:
@@ -420,11 +435,11 @@ async def run_bench(
     pid = proxy.process.pid
     direct_url = mock.base_url + "/chat/completions"
     proxied_url = proxy.base_url + "/chat/completions"
-    paths = [("direct", direct_url, None), ("proxied", proxied_url, lambda: cpu_seconds(pid))]
+    paths = [("direct", direct_url, None), ("proxied", proxied_url, lambda: fleet_cpu(pid))]
     try:
         await bench.check(direct_url, proxied=False)
         await bench.check(proxied_url, proxied=True)
-        memory = {"before": proc_status(pid)}
+        memory = {"before": fleet_status(pid)}
         loads: list[LoadResult] = []
         for concurrency in args.concurrency:
             for path, url, cpu in paths:
@@ -435,7 +450,7 @@ async def run_bench(
         for path, url, _ in paths:
             await bench.streamed(path, url, 3)  # warm-up
             streams.append(await bench.streamed(path, url, args.stream_runs))
-        memory["after"] = proc_status(pid)
+        memory["after"] = fleet_status(pid)
     finally:
         await bench.close()
     return {"loads": loads, "streams": streams, "memory": memory, "interrupted": bench.stopping}
@@ -451,14 +466,14 @@ def main(argv: Sequence[str]) -> None:
         mock = Mock(workdir, "mock", timeout=args.startup_timeout)
         servers.append(mock)
         config = yaml.safe_dump(proxy_config(mock.port), sort_keys=False)
-        proxy = Proxy(workdir, config, timeout=args.startup_timeout)
+        proxy = Proxy(workdir, config, timeout=args.startup_timeout, workers=args.workers)
         servers.append(proxy)
 
         header = (
             f"llmproxy benchmark: Python {platform.python_version()}, "
             f"Twisted {twisted.__version__}, {os.cpu_count()} CPUs, "
             f"mock 127.0.0.1:{mock.port}, proxy 127.0.0.1:{proxy.port} (pid {proxy.process.pid}), "
-            f"cache off"
+            f"cache off, {args.workers} worker(s)"
         )
 
         async def go(reactor: Any) -> None:
