@@ -6,7 +6,7 @@ with.  A file that does not load is refused with its own path-named message,
 and the running configuration stays.  So is one that changes what only a
 restart can: the listening sockets (``listen``), the Redis connection
 (``redis``) and where the cache lives (``cache.backend``).  Everything else
-applies to the next request; see :class:`llmproxy.service.LiveGateway`.
+applies to the next request; see :class:`llmproxy.assembly.LiveGateway`.
 """
 
 from __future__ import annotations

@@ -32,10 +32,10 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResp
 from twisted.web.server import Site
 from zope.interface import implementer
 
+from llmproxy.assembly import build_gateway
 from llmproxy.config import Config, parse_yaml
 from llmproxy.redisclient import SharedRedis
 from llmproxy.routing.router import Router
-from llmproxy.service import build_gateway
 from llmproxy.testing.mock import MockUpstream
 from llmproxy.upstream.client import UpstreamClient, upstream_client
 
