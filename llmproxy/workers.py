@@ -45,7 +45,7 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet import endpoints
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
@@ -258,8 +258,7 @@ class Supervisor(Service):
         self._restarts.clear()
         # Nobody accepts on the parent's copy; closing it lets the port go once
         # the workers have closed theirs.
-        for port in self.ports:
-            port.connectionLost(None)  # type: ignore[attr-defined]
+        await DeferredList([maybeDeferred(port.stopListening) for port in self.ports])
         running = list(self.workers.values())
         for worker in running:
             worker.signal(signal.SIGTERM)
