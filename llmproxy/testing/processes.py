@@ -251,6 +251,14 @@ def upstream_block(mocks: list[Mock], api_key: str | None = None, extra: str = "
     return "\n".join(lines) + "\n"
 
 
+def redis_cli(cli: str, port: int, *args: str) -> str:
+    """One ``redis-cli`` command against the server (or sentinel) on ``port``; its raw reply."""
+    done = subprocess.run(
+        [cli, "-p", str(port), "--raw", *args], capture_output=True, text=True, timeout=10
+    )
+    return done.stdout.strip()
+
+
 class RedisServer:
     """
     A private ``redis-server`` on a free port, never the machine's own; with
@@ -285,13 +293,7 @@ class RedisServer:
         return self.cli_call("PING") == "PONG"
 
     def cli_call(self, *args: str) -> str:
-        done = subprocess.run(
-            [self.cli, "-p", str(self.port), "--raw", *args],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return done.stdout.strip()
+        return redis_cli(self.cli, self.port, *args)
 
     def pause(self) -> None:
         assert self.process is not None
@@ -430,13 +432,7 @@ class RedisSentinel:
         return f"127.0.0.1:{self.port}"
 
     def cli_call(self, *args: str) -> str:
-        done = subprocess.run(
-            [self.cli, "-p", str(self.port), "--raw", *args],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return done.stdout.strip()
+        return redis_cli(self.cli, self.port, *args)
 
     def master_port(self) -> int | None:
         """The port of the server this sentinel names as the master now."""
