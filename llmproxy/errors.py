@@ -113,6 +113,16 @@ def unavailable(message: str) -> APIError:
     return APIError(503, message, type="upstream_error", code="no_upstream_available")
 
 
+def shutting_down() -> APIError:
+    """What a stream still running when a graceful stop ran out of time ends with."""
+    return APIError(
+        503,
+        "The proxy is shutting down and could not finish this answer in time",
+        type="server_error",
+        code="shutting_down",
+    )
+
+
 def gateway_timeout(message: str = "The upstream timed out") -> APIError:
     return APIError(504, message, type="upstream_error", code="upstream_timeout")
 

@@ -34,13 +34,14 @@ from twisted.internet.defer import TimeoutError as DeferTimeoutError
 from twisted.logger import Logger
 
 from llmproxy import config as config_module
+from llmproxy import errors
 from llmproxy.accesslog import AccessLog
 from llmproxy.assembly import LiveGateway
 from llmproxy.config import Config
 from llmproxy.operations import Worker
 from llmproxy.redisclient import SharedRedis
 from llmproxy.requestlog import RequestLog
-from llmproxy.signals import SignalHandlers
+from llmproxy.signals import SignalHandlers, exit_cleanly
 from llmproxy.site import GatewaySite
 from llmproxy.upstream.client import UpstreamPools
 from llmproxy.workers import FAMILIES, Inherited, ParentWatch, Supervisor
@@ -138,6 +139,7 @@ class HTTPService(MultiService):
     async def _stop(self) -> None:
         await DeferredList([maybeDeferred(port.stopService) for port in self])
         inflight = self.site.inflight
+        drained = True
         if inflight.count:
             self.log.info(
                 "draining {count} in-flight requests (up to {seconds}s)",
@@ -147,9 +149,14 @@ class HTTPService(MultiService):
             try:
                 await inflight.idle().addTimeout(self.drain_seconds, self.reactor)
             except DeferTimeoutError:
+                drained = False
                 self.log.warn(
                     "drain timed out with {count} requests in flight", count=inflight.count
                 )
+                # A stream cut here says so, like any other cut stream.
+                self.site.interrupt_streams(errors.shutting_down())
+        if drained:
+            exit_cleanly(self.reactor)
         # Let the last bytes written reach the clients before the reactor stops.
         try:
             await self.site.close_connections().addTimeout(2.0, self.reactor)

@@ -54,3 +54,14 @@ class SignalHandlers(Service):
             self.actions[sig]()
         except Exception:  # noqa: BLE001 - a failed action must not end the process
             self.log.failure("handling {signal} failed", signal=signal.Signals(sig).name)
+
+
+def exit_cleanly(reactor: Any) -> None:
+    """
+    Let twistd exit 0 after a stop that went as planned (a drain that ended in
+    time).  twistd ends a process stopped by SIGTERM by killing itself with
+    that signal again, which a service manager counts as a failure; the
+    signal it remembers is the reactor's ``_exitSignal``.
+    """
+    if hasattr(reactor, "_exitSignal"):
+        reactor._exitSignal = None

@@ -252,6 +252,17 @@ class GatewaySite(Site):
 
         request.notifyFinish().addBoth(ended)
 
+    def interrupt_streams(self, error: errors.APIError) -> None:
+        """
+        End every event stream still being answered with ``error`` as its
+        last event (the relay writes whole events, so this falls between two).
+        """
+        for channel in list(self.channels):
+            for request in list(getattr(channel, "requests", [])):
+                ctype = request.responseHeaders.getRawHeaders(b"content-type") or [b""]
+                if request.startedWriting and b"event-stream" in ctype[0] and not request.finished:
+                    request.write(error.sse_event())
+
     def close_connections(self) -> Deferred[Any]:
         """
         Close every client connection once its buffered output is written

@@ -52,6 +52,8 @@ from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from llmproxy.signals import exit_cleanly
+
 #: Back-off before restarting a worker that died: first, and at most.
 RESTART_FIRST = 0.5
 RESTART_MAX = 30.0
@@ -271,10 +273,7 @@ class Supervisor(Service):
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
         self.log.info("all workers have exited")
         if drained:
-            # twistd ends a process stopped by SIGTERM by killing itself with
-            # that signal again; a fleet that drained in time exits 0 instead,
-            # so that a service manager sees a clean stop.
-            self.reactor._exitSignal = None
+            exit_cleanly(self.reactor)
 
     def _kill(self, workers: Sequence[_Worker]) -> None:
         for worker in workers:

@@ -10,6 +10,7 @@ import json
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import openai
@@ -263,9 +264,50 @@ def test_graceful_shutdown_drains_in_flight_streams(start: StartProxy, mock: Moc
     received = read_until(sock, response_ended, "the end of the stream", received=received)
     assert b"data: [DONE]" in received
     assert b"event: error" not in received
-    # twistd re-raises the signal it stopped on, so "killed by SIGTERM" is a clean exit.
-    assert proxy.process.proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    # A drain that ended in time is a clean stop: status 0 (not twistd's re-raised SIGTERM).
+    assert proxy.process.proc.wait(timeout=30) == 0
     assert "draining 1 in-flight requests" in proxy.process.log()
+    assert "Traceback" not in proxy.process.log()
+
+
+def read_to_close(sock: socket.socket, timeout: float = 15.0) -> bytes:
+    """Everything ``sock`` receives until the peer closes it (or fail at the deadline)."""
+    received = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
+        if not chunk:
+            return received
+        received += chunk
+    raise AssertionError(f"the connection stayed open; received {received[-300:]!r}")
+
+
+def test_a_stream_the_drain_cuts_ends_with_an_error_event(start: StartProxy, mock: Mock) -> None:
+    config = upstream_block([mock], api_key=UPSTREAM_KEY) + CORE_MODELS
+    proxy = start(config + "server:\n  drain_seconds: 0.2\n", "cut-by-drain")
+    sock = raw_post(
+        proxy.port,
+        {
+            "model": "gpt-4o-mini",
+            "stream": True,
+            "messages": [{"role": "user", "content": "never ends"}],
+            "mock": {"infinite": True, "interval": 0.05},
+        },
+    )
+    received = read_until(sock, events_arrived(1), "the stream to start")
+    proxy.process.signal(signal.SIGTERM)
+    received += read_to_close(sock)
+    # The last event is the error, whole, and then the connection closes.
+    last = received.rstrip(b"\r\n").rsplit(b"\r\n", 1)[-1]
+    assert last.startswith(b"event: error\ndata: ") and b'"code": "shutting_down"' in last
+    assert b"data: [DONE]" not in received
+    # It did not drain in time: twistd ends by the signal, as without --workers it always did.
+    assert proxy.process.proc.wait(timeout=30) == -signal.SIGTERM
+    assert "drain timed out with 1 requests in flight" in proxy.process.log()
     assert "Traceback" not in proxy.process.log()
 
 
