@@ -173,7 +173,13 @@ class LiveGateway:
             router.inherit(previous)
         auth = Authenticator(config.auth)
         clients = self.clients.update(config.upstreams)
-        forwarder = Forwarder(reactor, config.upstreams, clients, Redactor(config.secrets()))
+        forwarder = Forwarder(
+            reactor,
+            config.upstreams,
+            clients,
+            Redactor(config.secrets()),
+            config.server.max_response_bytes,
+        )
         relay = Relay(shared.affinity, self.cache.max_record, reactor, config.server.sse_keepalive)
         attempts = Attempts(forwarder, relay, self.metrics, reactor)
         responses = Responses(shared.affinity, auth, router, attempts)
@@ -187,6 +193,7 @@ class LiveGateway:
         site.resource = Gateway(pipeline, responses, operations).app.resource()
         site.max_body_bytes = config.server.max_body_bytes
         site.trusted_proxies = frozenset(config.server.trusted_proxies)
+        site.secrets = config.secrets()
         site.default_headers = self.cache.default_verdict.headers()
         self.checks = None
         if config.routing.health_checks is not None:

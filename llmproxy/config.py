@@ -28,7 +28,7 @@ STRATEGIES = ("round_robin", "least_busy", "latency", "random", "priority")
 CACHE_BACKENDS = ("memory", "redis", "off")
 CACHE_SCOPES = ("key", "shared")
 ACCESS_LOG_FORMATS = ("json", "text")
-RETRY_REASONS = ("connect", "timeout")
+RETRY_REASONS = ("connect", "timeout", "reset")
 
 
 class ConfigError(Exception):
@@ -59,6 +59,8 @@ class Upstream:
     headers: Mapping[str, str] = attrs.field(factory=dict, repr=False)
     max_connections: int = 64
     timeouts: Timeouts = Timeouts()
+    #: Seconds an idle pooled connection is kept for reuse (below common LB idle timeouts).
+    keepalive_timeout: float = 30.0
 
 
 @attrs.frozen
@@ -112,6 +114,9 @@ class Server:
     trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
     #: Seconds of upstream silence in a stream before a ``: keep-alive`` comment (0: never).
     sse_keepalive: float = 15.0
+    #: The largest upstream body the proxy holds whole (a non-streamed answer, an error
+    #: body); past it the answer is a 502 ``response_too_large``.  Streams are not held.
+    max_response_bytes: int = 64 * 1024 * 1024
 
 
 @attrs.frozen
@@ -368,7 +373,11 @@ def _open_section(raw: object, path: str) -> _Section:
 
 
 def _upstream(name: str, raw: object, path: str) -> Upstream:
-    s = _Section(raw, path, ("base_url", "api_key", "headers", "max_connections", "timeouts"))
+    s = _Section(
+        raw,
+        path,
+        ("base_url", "api_key", "headers", "max_connections", "timeouts", "keepalive_timeout"),
+    )
     headers_raw = s.get("headers", _open_section, None)
     headers: dict[str, str] = {}
     if headers_raw is not None:
@@ -385,6 +394,7 @@ def _upstream(name: str, raw: object, path: str) -> Upstream:
         headers=headers,
         max_connections=s.get("max_connections", _integer(1), 64),
         timeouts=s.get("timeouts", _timeouts, Timeouts()),
+        keepalive_timeout=s.get("keepalive_timeout", _number(0), 30.0),
     )
 
 
@@ -428,7 +438,8 @@ def _retry_on(value: object, path: str) -> frozenset[str | int]:
             found.add(int(item))
         else:
             raise ConfigError(
-                item_path, f"expected connect, timeout or an HTTP status 400-599, got '{item}'"
+                item_path,
+                f"expected connect, timeout, reset or an HTTP status 400-599, got '{item}'",
             )
     return frozenset(found)
 
@@ -469,13 +480,24 @@ def _routing(raw: object, path: str) -> Routing:
 
 
 def _server(raw: object, path: str) -> Server:
-    s = _Section(raw, path, ("max_body_bytes", "drain_seconds", "trusted_proxies", "sse_keepalive"))
+    s = _Section(
+        raw,
+        path,
+        (
+            "max_body_bytes",
+            "drain_seconds",
+            "trusted_proxies",
+            "sse_keepalive",
+            "max_response_bytes",
+        ),
+    )
     d = Server()
     return Server(
         max_body_bytes=s.get("max_body_bytes", _integer(1), d.max_body_bytes),
         drain_seconds=s.get("drain_seconds", _number(0), d.drain_seconds),
         trusted_proxies=s.get("trusted_proxies", _strings, d.trusted_proxies),
         sse_keepalive=s.get("sse_keepalive", _number(0), d.sse_keepalive),
+        max_response_bytes=s.get("max_response_bytes", _integer(1), d.max_response_bytes),
     )
 
 

@@ -20,8 +20,12 @@ from llmproxy import errors
 class Kind(enum.Enum):
     """How an attempt failed.  The values are the labels of metrics and logs."""
 
-    #: Refused, reset, never answered, or a redirect (not followed).
+    #: Nothing reached the upstream (refused, DNS, connect timeout, TLS), or a
+    #: redirect (not followed).
     CONNECT = "connect"
+    #: The connection was lost after the request was sent and before the
+    #: response headers: the upstream may have acted on it (a generation, a bill).
+    RESET = "reset"
     #: Out of time before or after the response headers.
     TIMEOUT = "timeout"
     #: An error status; ``status``, ``body`` and ``headers`` are set.
@@ -60,7 +64,9 @@ class UpstreamFailure(Exception):
             return self.status
         if self.kind is Kind.TIMEOUT:
             return "timeout"
-        return "connect"  # refused, reset, or a body cut before the client saw any of it
+        if self.kind is Kind.RESET:
+            return "reset"  # only when the operator opts in: it may be a replay
+        return "connect"  # nothing reached the upstream, or a body cut before the client saw it
 
     def counts_against(self) -> bool:
         """Does this failure say the target is unhealthy?  A 4xx is the client's problem."""

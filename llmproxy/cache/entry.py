@@ -2,6 +2,12 @@
 A stored answer, serialised to bytes so every backend stores the same thing;
 the :class:`Recording` an answer is kept in while it is relayed; and why an
 answer was not stored (:class:`Uncacheable`).
+
+What comes back from a backend is not trusted: :meth:`Entry.decode` gives an
+entry only for bytes that decode, and whose entry could have been stored (a
+200, headers that are safe to send, a non-stream body that is a JSON object,
+a stream body of whole SSE events ending with the terminal event of a
+finished answer).  Anything else is corrupt, and the cache treats it as a miss.
 """
 
 from __future__ import annotations
@@ -10,6 +16,11 @@ import enum
 import json
 
 import attrs
+
+from llmproxy.sse import SSEParser
+
+#: The last event of a stream that is stored: chat's ``[DONE]``, the Responses API's completion.
+_FINISHED = "response.completed"
 
 
 class Uncacheable(enum.Enum):
@@ -50,21 +61,46 @@ class Entry:
 
     @classmethod
     def decode(cls, data: bytes) -> Entry | None:
+        """The entry in ``data``; None when it does not decode or is no answer we store."""
         head_raw, sep, body = data.partition(b"\n")
         try:
             head = json.loads(head_raw) if sep else None
-        except ValueError:
+        except (ValueError, RecursionError):
             head = None
         if not isinstance(head, dict) or head.get("v") != 1:
             return None
-        return cls(
-            status=int(head["status"]),
-            content_type=str(head["content_type"]),
-            body=body,
-            stream=bool(head["stream"]),
-            upstream=str(head["upstream"]),
-            model=str(head["model"]) if isinstance(head.get("model"), str) else None,
-        )
+        status, content_type = head.get("status"), head.get("content_type")
+        stream, upstream, model = head.get("stream"), head.get("upstream"), head.get("model")
+        if (
+            type(status) is not int
+            or not isinstance(content_type, str)
+            or not isinstance(stream, bool)
+            or not isinstance(upstream, str)
+            or not (model is None or isinstance(model, str))
+        ):
+            return None
+        entry = cls(status, content_type, body, stream, upstream, model)
+        return entry if entry.valid() else None
+
+    def valid(self) -> bool:
+        """Could this entry have been stored?  Only then is it replayed."""
+        if self.status != 200 or not all(
+            _header_value(v) for v in (self.content_type, self.upstream, self.model or "-")
+        ):
+            return False
+        if not self.stream:
+            return self.body.lstrip()[:1] == b"{"
+        parser = SSEParser()
+        events = parser.feed(self.body)
+        if not events or parser.pending():
+            return False
+        last = events[-1]
+        return last.is_done or (last.event == _FINISHED and bool(last.data))
+
+
+def _header_value(value: str) -> bool:
+    """Non-empty and printable (no CR, LF or other control): safe in a response header."""
+    return bool(value) and value.isprintable()
 
 
 class Recording:

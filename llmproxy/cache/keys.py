@@ -57,7 +57,14 @@ def parse_controls(header: str | None, field: object) -> CacheControl:
 
 
 def canonical(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """
+    The canonical JSON of ``value`` as UTF-8, for any value ``json.loads`` can
+    return: a lone surrogate (``"\\ud800"`` in the body) is encoded as its code
+    point would be ("surrogatepass"), which no valid text encodes to, so keys
+    stay distinct, and every other text keeps the key it always had.
+    """
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return text.encode("utf-8", "surrogatepass")
 
 
 def cache_key(

@@ -42,6 +42,11 @@ class MemoryBackend:
             self._drop(oldest)
         return succeed(None)
 
+    def delete(self, key: str) -> Deferred[None]:
+        if key in self._items:
+            self._drop(key)
+        return succeed(None)
+
     def purge(self) -> Deferred[int]:
         count = len(self._items)
         self._items.clear()

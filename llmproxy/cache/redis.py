@@ -1,9 +1,9 @@
 """
 Redis cache backend: one ``SET key value EX ttl`` per entry (a single atomic
-write, so no reader ever sees half an answer), ``GET`` to read, and SCAN +
-UNLINK (never KEYS) to purge a namespace.  Every call has the deadline of
-:class:`~llmproxy.redisclient.SharedRedis`; trouble raises, and the response
-cache turns it into a miss.
+write, so no reader ever sees half an answer), ``GET`` to read, ``DEL`` to drop
+a corrupt entry, and SCAN + UNLINK (never KEYS) to purge a namespace.  Every
+call has the deadline of :class:`~llmproxy.redisclient.SharedRedis`; trouble
+raises, and the response cache turns it into a miss.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ class RedisBackend:
 
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         await self.redis.call("set", key, value, pexpire=max(1, math.ceil(ttl * 1000)))
+
+    async def delete(self, key: str) -> None:
+        await self.redis.call("delete", key)
 
     async def purge(self) -> int:
         cursor: int | bytes = 0

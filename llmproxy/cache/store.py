@@ -4,7 +4,8 @@ it looked up, is it stored, under which key), the verdict the answer carries
 in ``x-llmproxy-cache``, and the rules of what is stored: only complete 200
 answers, a stream only after its terminal event, and only if its client was
 still there.  A backend failure is a miss (or a skipped store), never a failed
-request.  The cache's counters are written here (and the coalesced requests
+request.  So is an entry that does not decode or validate: it is deleted, and
+counted as ``cache_corrupt``.  The cache's counters are written here (and the coalesced requests
 by :class:`~llmproxy.cache.flight.Flights`), and nowhere else.
 """
 
@@ -78,6 +79,8 @@ class CacheBackend(Protocol):
 
     def set(self, key: str, value: bytes, ttl: float) -> Awaitable[None]: ...
 
+    def delete(self, key: str) -> Awaitable[None]: ...
+
     def purge(self) -> Awaitable[int]: ...
 
     def stats(self) -> dict[str, int | None]: ...
@@ -90,7 +93,7 @@ class ResponseCache:
         self.configure(backend, settings)
         self.flights = Flights(self.max_record)
         self._counts = dict.fromkeys(
-            ("hits", "misses", "stores", "errors", "bypass", "stored_bytes"), 0
+            ("hits", "misses", "stores", "errors", "bypass", "stored_bytes", "cache_corrupt"), 0
         )
         self._skipped: dict[str, int] = {}
 
@@ -132,6 +135,7 @@ class ResponseCache:
         return CacheDecision(key, controls.lookup, controls.store, controls.ttl, verdict)
 
     async def lookup(self, key: str) -> Entry | None:
+        """The entry under ``key``; None for a miss (a corrupt entry is one, and is deleted)."""
         assert self.backend is not None
         try:
             raw = await self.backend.get(key)
@@ -146,7 +150,24 @@ class ResponseCache:
             raw = None
         entry = Entry.decode(raw) if raw is not None else None
         self._counts["hits" if entry is not None else "misses"] += 1
+        if raw is not None and entry is None:
+            await self._drop_corrupt(key, len(raw))
         return entry
+
+    async def _drop_corrupt(self, key: str, size: int) -> None:
+        """Delete an entry that is no answer, so that the next request stores a good one."""
+        self._counts["cache_corrupt"] += 1
+        self.log.warn("corrupt cache entry {key} ({size} bytes): deleted", key=key, size=size)
+        assert self.backend is not None
+        try:
+            await self.backend.delete(key)
+        except CancelledError:
+            raise
+        except RedisUnavailable:
+            self._counts["errors"] += 1
+        except Exception:  # noqa: BLE001 - the cache must never fail a request
+            self._counts["errors"] += 1
+            self.log.failure("deleting a corrupt cache entry failed")
 
     async def keep(
         self,

@@ -27,12 +27,18 @@ from a ``mock`` object in the request body (that request only)::
     error_chunk             end a chat stream with ``data: {"error": ...}`` then ``[DONE]``
     echo_auth               put the received Authorization header in an error body
     gzip                    gzip the response body
+    big_body                answer a JSON body of this many bytes (a ``filler`` string),
+                            written as a push producer, never held whole (with
+                            ``interval``: one 64 KiB piece per interval)
     redirect                answer 302 to this location
     set_cookie              add a Set-Cookie header
     text                    the reply text
+    reset                   read the request, then reset the connection (RST), no answer
+    idle_close              close this connection after this many idle seconds once the
+                            answer is over (a keep-alive timeout, as servers and LBs have)
 
 What it saw is at ``GET /_mock/requests``; counters (requests, streams,
-disconnects, pauses, bytes) at ``GET /_mock/stats``; ``POST /_mock/release``
+disconnects, pauses, resets, bytes) at ``GET /_mock/stats``; ``POST /_mock/release``
 lets gated requests go; ``POST /_mock/reset`` clears the log, counters and config.
 """
 
@@ -43,6 +49,7 @@ import gzip
 import hashlib
 import itertools
 import json
+import socket
 import struct
 import time
 from typing import Any
@@ -208,6 +215,60 @@ class _EventStream:
         self._hung_up()
 
 
+@implementer(IPushProducer)
+class _BigBody:
+    """
+    Writes a JSON object of ``size`` bytes to a request in 64 KiB pieces, as a
+    push producer (so the whole body is never in memory), then finishes it.
+    """
+
+    PIECE = 64 * 1024
+
+    def __init__(self, mock: MockUpstream, request: IRequest, size: int, interval: float) -> None:
+        self.mock = mock
+        self.request = request
+        self.interval = interval
+        head, tail = b'{"filler":"', b'"}'
+        self.tail = tail
+        self.left = max(0, size - len(head) - len(tail))
+        self.paused = False
+        self.stopped = False
+        self.done: Deferred[None] = Deferred()
+        self.request.registerProducer(self, True)
+        self.request.notifyFinish().addErrback(lambda _: self.stopProducing())
+        self.request.write(head)
+        self.mock.reactor.callLater(0, self._tick)
+
+    def _tick(self) -> None:
+        for _ in range(1 if self.interval else 16):
+            if self.paused or self.stopped:
+                return
+            if self.left <= 0:
+                self.stopped = True
+                self.request.write(self.tail)
+                self.request.unregisterProducer()
+                self.done.callback(None)
+                return
+            piece = min(self.PIECE, self.left)
+            self.left -= piece
+            self.mock.stats["bytes_streamed"] += piece
+            self.request.write(b"x" * piece)
+        self.mock.reactor.callLater(self.interval, self._tick)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        if self.paused and not self.stopped:
+            self.paused = False
+            self.mock.reactor.callLater(0, self._tick)
+
+    def stopProducing(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            self.mock.stats["disconnects"] += 1
+
+
 class MockUpstream:
     """The mock server.  ``name`` shows in replies so tests see who answered."""
 
@@ -228,7 +289,7 @@ class MockUpstream:
         self.config = {}
         self.received = []
         self.stats = dict.fromkeys(
-            ("requests", "streams", "active_streams", "disconnects", "pauses", "cuts"),
+            ("requests", "streams", "active_streams", "disconnects", "pauses", "cuts", "resets"),
             0,
         )
         self.stats["bytes_streamed"] = 0
@@ -260,6 +321,8 @@ class MockUpstream:
         knobs = dict(self.config)
         if isinstance(body.get("mock"), dict):
             knobs.update(body["mock"])
+        if knobs.get("idle_close"):
+            _close_when_idle(request, float(knobs["idle_close"]))
         return body, knobs
 
     def _delay(self, knobs: JSONDict) -> Deferred[None]:
@@ -294,6 +357,8 @@ class MockUpstream:
             request.setHeader(key, str(value))
         if knobs.get("set_cookie"):
             request.setHeader("set-cookie", str(knobs["set_cookie"]))
+        if knobs.get("big_body"):
+            return self._big(request, knobs)
         data = json.dumps(payload).encode()
         if knobs.get("gzip"):
             request.setHeader("content-encoding", "gzip")
@@ -303,6 +368,10 @@ class MockUpstream:
             request.write(data[: len(data) // 2])
             return self._stall(request)
         return data
+
+    def _big(self, request: IRequest, knobs: JSONDict) -> Any:
+        size, interval = int(knobs["big_body"]), float(knobs.get("interval", 0))
+        return _BigBody(self, request, size, interval).done
 
     def _stall(self, request: IRequest) -> Any:
         return Deferred()
@@ -365,8 +434,20 @@ class MockUpstream:
         self.stats["active_streams"] += 1
         return _EventStream(self, request, events, knobs).start()
 
+    def _reset(self, request: IRequest) -> Deferred[None]:
+        """Drop the connection with an RST (no linger), never answering."""
+        self.stats["resets"] += 1
+        transport: Any = request.channel.transport
+        handle = transport.getHandle() if hasattr(transport, "getHandle") else None
+        if isinstance(handle, socket.socket):
+            handle.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abortConnection()
+        return Deferred()  # cancelled by Klein as the connection goes
+
     async def _serve(self, request: IRequest, build: Any) -> Any:
         body, knobs = self._record(request)
+        if knobs.get("reset"):
+            return await self._reset(request)
         await self._delay(knobs)
         fault = self._fault(request, knobs)
         if fault is not None:
@@ -725,6 +806,14 @@ class MockUpstream:
     def clear(self, request: IRequest) -> bytes:
         self.reset()
         return b"{}"
+
+
+def _close_when_idle(request: IRequest, seconds: float) -> None:
+    """Once ``request`` is answered, its connection closes after ``seconds`` without a request."""
+    channel: Any = request.channel
+    done = request.notifyFinish()
+    done.addCallback(lambda _: channel.setTimeout(seconds))
+    done.addErrback(lambda _: None)
 
 
 def _not_found_response(response_id: str) -> JSONDict:

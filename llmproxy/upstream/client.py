@@ -6,20 +6,25 @@ one for a new or changed upstream, and retires the others: a retired pool
 closes its idle connections at once and each busy one as its answer ends.
 
 The client keeps no cookies (a shared jar would leak them between tenants),
-follows no redirects (the forwarder asks it not to), retries nothing on its own
-(a retry is routing's decision), and connects directly to IP-literal upstreams.
+follows no redirects (the forwarder asks it not to), and connects directly to
+IP-literal upstreams.  It retries one thing on its own, on the same target and
+unseen by routing: a request sent on a reused idle connection that the peer
+had already closed (its keep-alive timeout racing our request), as browsers
+and nginx do.  Idle connections are kept ``keepalive_timeout`` seconds.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+import socket
+from collections.abc import Callable, Hashable, Mapping
 from http.cookiejar import DefaultCookiePolicy
 from typing import Any, Protocol
 
 from treq.client import HTTPClient
 from treq.cookies import IndexableCookieJar
 from twisted.application.service import Service
+from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import (
     HostnameEndpoint,
@@ -28,7 +33,17 @@ from twisted.internet.endpoints import (
     wrapClientTLS,
 )
 from twisted.internet.interfaces import IConsumer, IStreamClientEndpoint
-from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    URI,
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseNeverReceived,
+)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
@@ -126,10 +141,106 @@ def upstream_client(agent: IAgent) -> HTTPClient:
     return HTTPClient(agent, cookiejar=NoCookies(), data_to_body_producer=BytesProducer)
 
 
+def peer_closed(reason: BaseException) -> bool:
+    """
+    Does this failure of a request show that the peer had closed the
+    connection before any byte of a response: the connection was gone before
+    the request was written, or it closed (FIN or RST) with nothing received?
+    A cancel (our own timeout, a client that left) is not a close.
+    """
+    if isinstance(reason, RequestNotSent):
+        return True
+    if not isinstance(reason, (ResponseNeverReceived, RequestTransmissionFailed)):
+        return False  # ResponseFailed: some of the response had arrived
+    causes = [r for r in reason.reasons if isinstance(r, Failure)]
+    return bool(causes) and all(
+        r.check(ierror.ConnectionDone, ierror.ConnectionLost)
+        and not r.check(ierror.ConnectionAborted)
+        for r in causes
+    )
+
+
+def closed_while_idle(transport: Any) -> bool:
+    """
+    Is the peer's FIN (or RST) of an idle connection already waiting in the
+    socket, not yet seen by the reactor?  One non-blocking peek, before a
+    request is written on it.  Transports without a socket are taken as open.
+    """
+    sock = getattr(transport, "socket", None) or getattr(
+        getattr(transport, "transport", None), "socket", None
+    )
+    if not isinstance(sock, socket.socket):
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+class ReusedConnection:
+    """
+    A pooled connection handed out again.  When its request fails because the
+    peer had closed it, before any byte of the response, the request is sent
+    once more on a new connection (only a body we hold can be sent again).
+    """
+
+    log = Logger()
+
+    def __init__(self, connection: Any, reconnect: Callable[[], Deferred[Any]], pool: Any) -> None:
+        self.connection = connection
+        self.reconnect = reconnect
+        self.pool = pool
+
+    def request(self, request: Any) -> Deferred[Any]:
+        """Send ``request``; resend it on a new connection if this one was found closed."""
+        replayable = request.bodyProducer is None or isinstance(request.bodyProducer, BytesProducer)
+
+        def failed(reason: Failure) -> Any:
+            if not replayable or not peer_closed(reason.value):
+                return reason
+            self.pool.resent += 1
+            self.log.info(
+                "a reused connection to {upstream} had been closed by it; sending again",
+                upstream=self.pool.name,
+            )
+            return self.reconnect().addCallback(lambda fresh: fresh.request(request))
+
+        d: Deferred[Any] = self.connection.request(request)
+        return d.addErrback(failed)
+
+
 class UpstreamPool(HTTPConnectionPool):
-    """A connection pool that can be retired: then it keeps no connection it is given back."""
+    """
+    A connection pool that knows which connections it hands out again
+    (:class:`ReusedConnection`), and that can be retired: then it keeps no
+    connection it is given back.
+    """
 
     retired = False
+    #: The upstream's name, for logs.
+    name = ""
+    #: Requests sent again after a reused connection was found closed.
+    resent = 0
+
+    def getConnection(  # noqa: N802 - an override
+        self, key: Hashable, endpoint: IStreamClientEndpoint
+    ) -> Deferred[Any]:
+        """A cached connection still open (wrapped, to be retried once), else a new one."""
+        connections = self._connections.get(key)
+        while connections:
+            connection = connections.pop(0)
+            self._timeouts.pop(connection).cancel()
+            if connection.state != "QUIESCENT":
+                continue
+            if closed_while_idle(connection.transport):
+                connection.transport.loseConnection()
+                continue
+            return succeed(
+                ReusedConnection(connection, lambda: self._newConnection(key, endpoint), self)
+            )
+        return self._newConnection(key, endpoint)
 
     def retire(self) -> Deferred[Any]:
         """Close the idle connections now, and each busy one when its answer is over."""
@@ -165,7 +276,10 @@ class UpstreamPools(Service):
                 continue
             pool = UpstreamPool(self.reactor, persistent=True)
             pool.maxPersistentPerHost = upstream.max_connections
-            pool.retryAutomatically = False  # a retry is the router's decision
+            pool.retryAutomatically = False  # only ReusedConnection's resend, never Twisted's
+            # Twisted types it an int; it goes to callLater, which takes seconds as a float.
+            pool.cachedConnectionTimeout = upstream.keepalive_timeout  # type: ignore[assignment]
+            pool.name = name
             endpoints = UpstreamEndpoints(self.reactor, upstream.timeouts.connect)
             agent = Agent.usingEndpointFactory(self.reactor, endpoints, pool=pool)
             self.upstreams[name] = upstream

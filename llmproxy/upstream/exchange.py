@@ -9,6 +9,12 @@ closes the upstream connection.  Two timeouts apply from here on:
 * ``idle``: the longest silence between two body chunks while we are reading;
 * ``total``: the whole exchange, headers included (the deadline it was given).
 
+A body read whole (:meth:`Exchange.read`: a non-streamed answer, an error
+body) is held only up to ``max_body`` bytes (``server.max_response_bytes``):
+past it the read fails with :class:`ResponseTooLarge` and the upstream
+connection is closed, so the redactor never sees more than that either.
+A stream is relayed event by event, never held, and not bounded here.
+
 Every byte an :class:`Exchange` hands on for a client (a whole body, a stream
 event's raw bytes) has passed the redactor.  Closing an exchange gives its connection slot back,
 exactly once, whatever state it is in.
@@ -28,6 +34,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
+from llmproxy import errors
 from llmproxy.config import Target, Upstream
 from llmproxy.failures import Kind, UpstreamFailure
 from llmproxy.redact import Redactor
@@ -36,6 +43,38 @@ from llmproxy.sse import Event, SSEParser
 # Upstream response headers a client gets; the rest (cookies, Content-Length and
 # Content-Encoding after treq decoded the body, hop-by-hop, organisation ids) stay.
 RESPONSE_HEADERS = ("content-type", "retry-after", "retry-after-ms", "openai-processing-ms")
+
+#: The default bound of a body read whole (``server.max_response_bytes``).
+MAX_BODY = 64 * 1024 * 1024
+
+
+@attrs.define
+class ResponseTooLarge(UpstreamFailure):
+    """
+    A body read whole that grew past ``limit``: answered 502
+    ``response_too_large``, never retried (another target would make the
+    same answer, and bill for it), and no sign that the target is unhealthy.
+    """
+
+    limit: int = MAX_BODY
+
+    @property
+    def label(self) -> str:
+        return "too_large"
+
+    def retry_reason(self) -> str | int:
+        return "too_large"  # no ``routing.retry_on`` entry can name it
+
+    def counts_against(self) -> bool:
+        return False
+
+    def to_api_error(self) -> errors.APIError:
+        return errors.APIError(
+            502,
+            f"The upstream's answer is larger than {self.limit} bytes",
+            type="upstream_error",
+            code="response_too_large",
+        )
 
 
 class Slot:
@@ -170,6 +209,8 @@ class Exchange:
     body_stream: BodyStream | None = None
     _parser: SSEParser | None = None
     _closed: bool = False
+    #: The most bytes :meth:`read` holds (``server.max_response_bytes``).
+    max_body: int = MAX_BODY
 
     @property
     def status(self) -> int:
@@ -194,9 +235,31 @@ class Exchange:
         return found
 
     async def read(self) -> bytes:
-        """The whole body (for non-streamed answers), under the same timeouts."""
+        """
+        The whole body (for non-streamed answers), under the same timeouts and
+        at most ``max_body`` bytes: past that, :class:`ResponseTooLarge` (and
+        the connection is closed, so the rest is never received).
+        """
         chunks: list[bytes] = []
-        await self._receive(chunks.append)
+        size = 0
+
+        def on_data(data: bytes) -> None:
+            nonlocal size
+            stream = self.body_stream
+            assert stream is not None
+            if stream.failed is not None:
+                return  # already given up: what still arrives is dropped
+            size += len(data)
+            if size <= self.max_body:
+                chunks.append(data)
+                return
+            chunks.clear()
+            stream.failed = ResponseTooLarge(
+                Kind.CUT, f"answer larger than {self.max_body} bytes", limit=self.max_body
+            )
+            stream.stopProducing()
+
+        await self._receive(on_data)
         return self.redact(b"".join(chunks))
 
     def stream(self, on_event: Callable[[Event], None]) -> Deferred[None]:

@@ -25,7 +25,12 @@ from twisted.internet.defer import CancelledError, DeferredSemaphore
 from twisted.internet.defer import TimeoutError as DeferTimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
-from twisted.web.client import RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived
+from twisted.web.client import (
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
@@ -34,20 +39,23 @@ from llmproxy.config import Target, Upstream
 from llmproxy.failures import Kind, UpstreamFailure
 from llmproxy.redact import Redactor
 from llmproxy.upstream.client import UpstreamClient
-from llmproxy.upstream.exchange import Exchange, Slot, discard
+from llmproxy.upstream.exchange import MAX_BODY, Exchange, Slot, discard
 
 # Headers a client may send that are passed upstream; everything else (cookies,
 # Host, hop-by-hop, the client's Authorization) stays here.
 REQUEST_HEADERS = ("accept", "openai-beta", "user-agent")
 
+# Nothing reached the upstream: another target may safely be tried.
 _CONNECTION_ERRORS = (
     ierror.ConnectError,
     ierror.DNSLookupError,
     ierror.ConnectionLost,
-    ResponseNeverReceived,
-    RequestTransmissionFailed,
-    ResponseFailed,
+    RequestNotSent,
 )
+# The request was sent (all or part of it), then the connection was lost with
+# no whole response: the upstream may be generating it still.  (A pooled
+# connection the peer had closed is sent again by the pool itself.)
+_LOST_AFTER_SENDING = (ResponseNeverReceived, RequestTransmissionFailed, ResponseFailed)
 
 
 class Forwarder:
@@ -59,11 +67,14 @@ class Forwarder:
         upstreams: Mapping[str, Upstream],
         clients: Mapping[str, UpstreamClient],
         redact: Redactor,
+        max_response_bytes: int = MAX_BODY,
     ) -> None:
         self.reactor = reactor
         self.upstreams = upstreams
         self.clients = clients
         self.redact = redact
+        #: The most bytes of a body read whole (``server.max_response_bytes``).
+        self.max_response_bytes = max_response_bytes
         self._slots = {name: DeferredSemaphore(u.max_connections) for name, u in upstreams.items()}
 
     def build_headers(
@@ -105,7 +116,16 @@ class Forwarder:
         except BaseException:
             slot.release()
             raise
-        exchange = Exchange(self.reactor, self.redact, target, upstream, response, deadline, slot)
+        exchange = Exchange(
+            self.reactor,
+            self.redact,
+            target,
+            upstream,
+            response,
+            deadline,
+            slot,
+            max_body=self.max_response_bytes,
+        )
         if 200 <= response.code < 300:
             return exchange
         raise await self._refusal(exchange)
@@ -174,7 +194,8 @@ class Forwarder:
             Kind.HTTP,
             f"HTTP {status}",
             status=status,
-            body=data,
+            # An error may quote part of a key: mask every run of one, too.
+            body=self.redact.fragments(data or b""),
             headers=headers,
             retry_after=parse_retry_after(headers),
         )
@@ -238,7 +259,9 @@ def _translate(e: Exception, upstream: Upstream, timed_out: bool) -> Exception:
         return CancelledError()
     if isinstance(e, ierror.TimeoutError):
         return UpstreamFailure(Kind.TIMEOUT, f"connect timeout of {upstream.timeouts.connect:g}s")
-    if isinstance(e, _CONNECTION_ERRORS):
+    if isinstance(e, _LOST_AFTER_SENDING) and not _tls_failed(e):
+        return UpstreamFailure(Kind.RESET, _describe(e))
+    if isinstance(e, (*_CONNECTION_ERRORS, *_LOST_AFTER_SENDING)):
         return UpstreamFailure(Kind.CONNECT, _describe(e))
     return e
 
@@ -250,11 +273,25 @@ def _cancelled(e: BaseException) -> bool:
     return any(isinstance(r, Failure) and r.check(CancelledError) for r in reasons)
 
 
+def _tls_failed(e: Exception) -> bool:
+    """Did the TLS handshake fail?  Then no byte of the request left in the clear."""
+    reasons = getattr(e, "reasons", None) or []
+    return any(isinstance(r, Failure) and r.check("OpenSSL.SSL.Error") for r in reasons)
+
+
 def _describe(e: Exception) -> str:
     if isinstance(e, ierror.ConnectionRefusedError):
         return "connection refused"
     if isinstance(e, ierror.DNSLookupError):
         return "DNS lookup failed"
-    if isinstance(e, (ResponseNeverReceived, RequestTransmissionFailed, ResponseFailed)):
-        return "connection lost before the response"
+    if isinstance(e, RequestNotSent):
+        return "the connection closed before the request was sent"
+    if _tls_failed(e):
+        return "TLS handshake failed"
+    if isinstance(e, ResponseNeverReceived):
+        return "connection lost after the request was sent, before any response"
+    if isinstance(e, RequestTransmissionFailed):
+        return "connection lost while the request was being sent"
+    if isinstance(e, ResponseFailed):
+        return "connection lost during the response headers"
     return type(e).__name__

@@ -82,7 +82,8 @@ class SchemaTests(SynchronousTestCase):
             == "routing.retries: must be >= 0, got -1"
         )
         assert error_of(MINIMAL + "routing: {retry_on: [connect, 200]}\n") == (
-            "routing.retry_on[1]: expected connect, timeout or an HTTP status 400-599, got '200'"
+            "routing.retry_on[1]: expected connect, timeout, reset "
+            "or an HTTP status 400-599, got '200'"
         )
         assert "models.gpt-4o.strategy: must be one of" in error_of(
             MINIMAL.replace("  gpt-4o:\n", "  gpt-4o:\n    strategy: fastest\n")
