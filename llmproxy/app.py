@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.routing import RequestRedirect
 
 from llmproxy import errors
 from llmproxy.calls import ClientRequest
@@ -65,6 +66,14 @@ def _gateway(request: IRequest) -> GatewayRequest:
 
 
 def _headers(request: GatewayRequest) -> dict[str, str]:
+    """Lower-cased names, first values; two different Authorization headers are refused."""
+    given = request.requestHeaders.getRawHeaders(b"authorization") or []
+    if len(set(given)) > 1:
+        raise errors.APIError(
+            400,
+            "The request has two different Authorization headers.",
+            code="ambiguous_authorization",
+        )
     return {
         k.decode("latin-1").lower(): v[0].decode("latin-1")
         for k, v in request.requestHeaders.getAllRawHeaders()
@@ -230,6 +239,18 @@ class Gateway:
             list(failure.value.valid_methods or []),
         )
         return self._render_error(_gateway(request), error)
+
+    @app.handle_errors(RequestRedirect)
+    def redirect(self, request: IRequest, failure: Failure) -> bytes:
+        """
+        werkzeug would redirect a path that only matches once its repeated
+        slashes are merged (``/v1//chat/completions``): it is not one of ours,
+        so a 404, naming the path as sent.  A 308 would have SDKs replay (or
+        not) the body at another URL, and serving it would hide a client's
+        misconfigured base URL.
+        """
+        path = request.path.decode("utf-8", "replace")
+        return self._render_error(_gateway(request), errors.route_not_found(path))
 
     @app.handle_errors(Exception)
     def unexpected(self, request: IRequest, failure: Failure) -> bytes:

@@ -10,6 +10,9 @@ two proxy-owned members are edited.
 from __future__ import annotations
 
 import json
+import re
+from array import array
+from itertools import accumulate
 from typing import Any
 
 from llmproxy import errors
@@ -17,16 +20,46 @@ from llmproxy import errors
 _decoder = json.JSONDecoder()
 _WS = " \t\n\r"
 
+#: The deepest a request body may nest arrays and objects (the body itself is level 1).
+MAX_DEPTH = 64
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+#: Openers count +1 and closers -1, as signed bytes.
+_STEPS = bytes.maketrans(b"[]{}", b"\x01\xff\x01\xff")
+
+
+def nesting(text: str) -> int:
+    """
+    How deep ``text`` nests arrays and objects, counted without recursion.
+
+    Strings are dropped first (a bracket inside one is text).  For a text that
+    is not JSON the figure may be too high, never lower than the depth a JSON
+    parser reaches before it finds the fault, which is what bounds it.
+    """
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text)).encode("ascii")
+    return max(accumulate(array("b", brackets.translate(_STEPS))), default=0)
+
+
+_UNPARSABLE = "We could not parse the JSON body of your request. The body must be valid JSON."
+
+
+def _not_json(constant: str) -> float:
+    """``NaN`` and ``Infinity`` are Python's, not JSON's (RFC 8259)."""
+    raise ValueError(f"{constant} is not JSON")
+
 
 def parse_body(raw: bytes) -> dict[str, Any]:
-    """The JSON object of a request body, or a 400."""
+    """The JSON object of a request body, or a 400 (not JSON, or nested over MAX_DEPTH)."""
     try:
         text = raw.decode("utf-8")
-        value = json.loads(text)
-    except (UnicodeDecodeError, ValueError):
-        raise errors.bad_request(
-            "We could not parse the JSON body of your request. The body must be valid JSON."
-        ) from None
+    except UnicodeDecodeError:
+        raise errors.bad_request(_UNPARSABLE) from None
+    if nesting(text) > MAX_DEPTH:
+        raise errors.bad_request(f"The request body nests deeper than {MAX_DEPTH} levels.")
+    try:
+        value = json.loads(text, parse_constant=_not_json)
+    except ValueError:
+        raise errors.bad_request(_UNPARSABLE) from None
     if not isinstance(value, dict):
         raise errors.bad_request("The request body must be a JSON object.")
     return value

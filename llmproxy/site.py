@@ -17,6 +17,9 @@ every request, whatever route it takes.
   chunked body is counted as it arrives and refused the moment it crosses the
   limit.  Either way the connection is closed after the answer.
 * ``X-Forwarded-For``, honoured only when the peer is a trusted proxy.
+* Twisted's combined access line, with the query string cleaned of keys
+  (``key``, ``api_key``, ``api-key`` and any value holding a configured
+  secret) -- or nothing, once the structured access log replaces it.
 
 :class:`RequestSink` is what answers are written to: a request as a
 :class:`~llmproxy.sink.ClientSink`.
@@ -27,9 +30,10 @@ from __future__ import annotations
 import ipaddress
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any, Protocol
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -43,7 +47,67 @@ from twisted.web.server import Request, Site
 from llmproxy import errors
 from llmproxy.trace import Trace
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+
+
+def _request_id(given: Sequence[bytes] | None) -> str:
+    """
+    The client's X-Request-Id (the last one, as ``getHeader`` reads) when it is
+    printable ASCII of sane length, else a new id.  Read as bytes: twisted.web
+    decodes a ``str`` header name's values as strict UTF-8, and a client may
+    send any byte.
+    """
+    if given and _REQUEST_ID.fullmatch(given[-1]):
+        return given[-1].decode("ascii")
+    return uuid.uuid4().hex
+
+
+def _url_is_text(request: http.Request) -> bool:
+    """
+    Whether the path (percent-decoded) is UTF-8 and the host name is UTF-8 and
+    IDNA, as Klein and werkzeug need them to be (else Klein logs a traceback
+    and answers plain text, or werkzeug's ``BadHost`` escapes as a 500).
+    """
+    try:
+        unquote_to_bytes(request.path).decode("utf-8")
+        host = request.getRequestHostname().decode("utf-8")
+        host.partition(":")[0].encode("idna")
+    except UnicodeError:
+        return False
+    return True
+
+
+#: Query parameters that carry a key, never logged.
+KEY_PARAMETERS = frozenset({b"key", b"api_key", b"api-key"})
+
+
+def safe_uri(uri: bytes, secrets: tuple[str, ...]) -> bytes:
+    """``uri`` with the query parameters that carry a key (by name or by value) dropped."""
+    path, sep, query = uri.partition(b"?")
+    if not sep:
+        return uri
+    encoded = [s.encode() for s in secrets]
+    kept = []
+    for pair in query.split(b"&"):
+        name, _, value = pair.partition(b"=")
+        plain = unquote_to_bytes(value.replace(b"+", b" "))
+        if unquote_to_bytes(name).lower() in KEY_PARAMETERS:
+            continue
+        if any(secret in plain or secret in value for secret in encoded):
+            continue
+        kept.append(pair)
+    return path + (b"?" + b"&".join(kept) if kept else b"")
+
+
+class _LoggedRequest:
+    """A request as the combined log line sees it: its URI cleaned of keys."""
+
+    def __init__(self, request: http.Request, secrets: tuple[str, ...]) -> None:
+        self._request = request
+        self.uri = safe_uri(request.uri, secrets)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._request, name)
 
 
 class RequestObserver(Protocol):
@@ -115,15 +179,30 @@ class GatewayRequest(Request):
 
     def process(self) -> None:
         """Every request, before any route: its id, the default headers, its count."""
-        given = self.getHeader("x-request-id") or ""
-        self.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        self.request_id = _request_id(self.requestHeaders.getRawHeaders(b"x-request-id"))
         self.setHeader("x-request-id", self.request_id)
         site = self._site
         self.trace = Trace(site.reactor.seconds())
         for name, value in site.default_headers.items():
             self.setHeader(name, value)
         site.begin(self)
+        if not _url_is_text(self):
+            self._refuse_url()
+            return
         super().process()
+
+    def _refuse_url(self) -> None:
+        """
+        A 400 in the API's shape for a path or Host that Klein cannot route
+        (see :func:`_url_is_text`).
+        """
+        error = errors.bad_request("The request path or Host header is not a valid name.")
+        self.trace.error_code = error.code or error.type
+        set_status(self, error.status)
+        self.setHeader("content-type", "application/json")
+        self.setHeader("content-length", str(len(error.body())))
+        self.write(error.body())
+        self.finish()
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > self._site.max_body_bytes:
@@ -180,7 +259,9 @@ class GatewayRequest(Request):
         peer = super().getClientAddress()
         trusted = self._site.trusted_proxies
         host = getattr(peer, "host", None)
-        forwarded = self.getHeader("x-forwarded-for")
+        # As bytes: a str name makes twisted.web decode the value as strict UTF-8.
+        raw = self.getHeader(b"x-forwarded-for")
+        forwarded = raw.decode("latin-1") if raw is not None else None
         if not forwarded or host not in trusted:
             return peer
         # Walk from the right: the first hop that is not one of ours is the client.
@@ -225,9 +306,15 @@ class GatewaySite(Site):
         default_headers: Mapping[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
+        kwargs.setdefault("logFormatter", self._combined)
+        # Bodies are JSON, never forms: twisted.web would parse a form body into
+        # request.args, and a Content-Type it cannot parse raises there (a 500).
+        kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(resource, **kwargs)
         self.max_body_bytes = max_body_bytes
         self.trusted_proxies = frozenset(trusted_proxies)
+        #: Secrets that must not reach the combined log line (set with each config).
+        self.secrets: tuple[str, ...] = ()
         self.observer: RequestObserver = observer or _NoObserver()
         self.draining = False
         #: Twisted's combined access line, kept until a structured access log replaces it.
@@ -239,6 +326,9 @@ class GatewaySite(Site):
     def log(self, request: http.Request) -> None:
         if self.combined_log:
             super().log(request)
+
+    def _combined(self, timestamp: str, request: http.Request) -> str:
+        return http.combinedLogFormatter(timestamp, _LoggedRequest(request, self.secrets))
 
     def begin(self, request: GatewayRequest) -> None:
         """A request starts: count it in, and out again when it ends, and tell the observer."""
