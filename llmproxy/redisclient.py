@@ -6,8 +6,10 @@ through :meth:`SharedRedis.call`, which never waits longer than
 ``redis.timeout`` and turns every kind of trouble (refused, reset, paused,
 timed out, bad reply) into :class:`RedisUnavailable`, so callers degrade to
 local behaviour instead of failing a request.  After a failure, calls fail fast
-for a short while instead of piling up behind a dead server; txredisapi keeps
-reconnecting in the background, so Redis coming back is picked up on its own.
+for a short while instead of piling up behind a dead server; the pool keeps
+reconnecting in the background, at most two seconds apart, whatever the
+outage (txredisapi alone stops for good when a reconnection's ``SELECT`` or
+``AUTH`` times out), so Redis coming back is picked up on its own.
 
 :class:`SharedRedis` is the ``redis`` service of the tree: it connects when the
 service starts and disconnects when it stops.  txredisapi imports the reactor
@@ -55,19 +57,32 @@ def parse_url(url: str) -> dict[str, Any]:
     }
 
 
-def connect_url(url: str, timeout: float) -> Any:
-    """A lazy txredisapi pool to the one server at ``url``."""
+def connect_url(url: str, timeout: float, reactor: Any) -> Any:
+    """
+    A lazy txredisapi pool to the one server at ``url``, which keeps
+    reconnecting whatever happens to a reconnection (see
+    :class:`llmproxy.redissentinel.PoolFactory`).
+    """
     import txredisapi
+    from twisted.internet.endpoints import HostnameEndpoint
 
-    return txredisapi.lazyConnectionPool(
-        **parse_url(url),
-        poolsize=POOL_SIZE,
-        reconnect=True,
+    from llmproxy import redissentinel
+
+    args = parse_url(url)
+    factory = redissentinel.PoolFactory(
+        f"{args['host']}:{args['port']}",
+        args["dbid"],
+        POOL_SIZE,
+        isLazy=True,
+        handler=txredisapi.ConnectionHandler,
         charset=None,  # values are bytes (cache bodies); keys are encoded as UTF-8
-        convertNumbers=False,
-        connectTimeout=timeout,
+        password=args["password"],
         replyTimeout=timeout,
+        convertNumbers=False,
+        username=args["username"],
     )
+    factory.startConnecting(HostnameEndpoint(reactor, args["host"], args["port"], timeout=timeout))
+    return factory.handler
 
 
 def connect_sentinel(config: Sentinel, timeout: float) -> tuple[Any, Any]:
@@ -120,7 +135,7 @@ class SharedRedis(Service):
             self._sentinels, self._connection = connect_sentinel(self.config.sentinel, self.timeout)
         else:
             assert self.config.url is not None
-            self._connection = connect_url(self.config.url, self.timeout)
+            self._connection = connect_url(self.config.url, self.timeout, self.reactor)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
