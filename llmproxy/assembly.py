@@ -192,6 +192,9 @@ class LiveGateway:
         site = self.site
         site.resource = Gateway(pipeline, responses, operations).app.resource()
         site.max_body_bytes = config.server.max_body_bytes
+        site.max_inflight = config.server.max_inflight
+        site.send_timeout = config.server.send_timeout
+        site.header_timeout = config.server.header_timeout
         site.trusted_proxies = frozenset(config.server.trusted_proxies)
         site.secrets = config.secrets()
         site.default_headers = self.cache.default_verdict.headers()

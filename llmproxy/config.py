@@ -61,6 +61,9 @@ class Upstream:
     timeouts: Timeouts = Timeouts()
     #: Seconds an idle pooled connection is kept for reuse (below common LB idle timeouts).
     keepalive_timeout: float = 30.0
+    #: Seconds a request waits for one of the ``max_connections`` to come free; past
+    #: it, the next target (or 503 ``overloaded``).  Not counted against the target.
+    queue_timeout: float = 5.0
 
 
 @attrs.frozen
@@ -117,6 +120,15 @@ class Server:
     #: The largest upstream body the proxy holds whole (a non-streamed answer, an error
     #: body); past it the answer is a 502 ``response_too_large``.  Streams are not held.
     max_response_bytes: int = 64 * 1024 * 1024
+    #: Seconds a client has to send a request's line and headers, from the connection
+    #: (or the end of the previous answer on it); then 408 and closed (0: no deadline).
+    header_timeout: float = 10.0
+    #: Client requests in progress at once (0: no limit); the excess is answered 503
+    #: ``overloaded`` at once.  Health, metrics and stats requests are never refused.
+    max_inflight: int = 0
+    #: Seconds a client may accept no bytes of an answer (its connection backed up)
+    #: before it is dropped and the upstream closed, as nginx's ``send_timeout`` (0: never).
+    send_timeout: float = 60.0
 
 
 @attrs.frozen
@@ -376,7 +388,15 @@ def _upstream(name: str, raw: object, path: str) -> Upstream:
     s = _Section(
         raw,
         path,
-        ("base_url", "api_key", "headers", "max_connections", "timeouts", "keepalive_timeout"),
+        (
+            "base_url",
+            "api_key",
+            "headers",
+            "max_connections",
+            "timeouts",
+            "keepalive_timeout",
+            "queue_timeout",
+        ),
     )
     headers_raw = s.get("headers", _open_section, None)
     headers: dict[str, str] = {}
@@ -395,6 +415,7 @@ def _upstream(name: str, raw: object, path: str) -> Upstream:
         max_connections=s.get("max_connections", _integer(1), 64),
         timeouts=s.get("timeouts", _timeouts, Timeouts()),
         keepalive_timeout=s.get("keepalive_timeout", _number(0), 30.0),
+        queue_timeout=s.get("queue_timeout", _number(0), 5.0),
     )
 
 
@@ -489,6 +510,9 @@ def _server(raw: object, path: str) -> Server:
             "trusted_proxies",
             "sse_keepalive",
             "max_response_bytes",
+            "header_timeout",
+            "max_inflight",
+            "send_timeout",
         ),
     )
     d = Server()
@@ -498,6 +522,9 @@ def _server(raw: object, path: str) -> Server:
         trusted_proxies=s.get("trusted_proxies", _strings, d.trusted_proxies),
         sse_keepalive=s.get("sse_keepalive", _number(0), d.sse_keepalive),
         max_response_bytes=s.get("max_response_bytes", _integer(1), d.max_response_bytes),
+        header_timeout=s.get("header_timeout", _number(0), d.header_timeout),
+        max_inflight=s.get("max_inflight", _integer(0), d.max_inflight),
+        send_timeout=s.get("send_timeout", _number(0), d.send_timeout),
     )
 
 

@@ -51,6 +51,29 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
+def malformed_http(message: str) -> APIError:
+    """A request whose framing is ambiguous or not HTTP/1.1 (answered before any route)."""
+    return APIError(400, message, code="invalid_http_request")
+
+
+def headers_too_large(limit: int) -> APIError:
+    """A request line and headers over ``limit`` bytes."""
+    return APIError(
+        431,
+        f"The request line and headers are larger than {limit} bytes",
+        code="request_headers_too_large",
+    )
+
+
+def header_timeout(seconds: float) -> APIError:
+    """A request line and headers that did not all arrive within ``seconds``."""
+    return APIError(
+        408,
+        f"The request line and headers did not arrive within {seconds:g} seconds",
+        code="request_timeout",
+    )
+
+
 def unauthorized(message: str) -> APIError:
     return APIError(401, message, code="invalid_api_key")
 
@@ -111,6 +134,17 @@ def bad_gateway(message: str = "The upstream failed to answer") -> APIError:
 
 def unavailable(message: str) -> APIError:
     return APIError(503, message, type="upstream_error", code="no_upstream_available")
+
+
+def overloaded(message: str = "The proxy is overloaded; try again shortly.") -> APIError:
+    """
+    The excess under overload (``server.max_inflight``, or no upstream connection
+    free within ``queue_timeout``): a 503 that asks to come back in a second, in
+    the shape OpenAI answers its own overload with.
+    """
+    return APIError(
+        503, message, type="server_error", code="overloaded", headers={"Retry-After": "1"}
+    )
 
 
 def shutting_down() -> APIError:

@@ -5,11 +5,14 @@ The forwarding rules: the upstream URL, key and model come only from config;
 the client's ``Authorization``, cookies, ``Host`` and hop-by-hop headers are
 never forwarded; redirects are not followed.  Each upstream has
 ``max_connections`` slots (Twisted's pool caps idle connections, not
-concurrent ones); a request waits for a free one no longer than its
-``first_byte`` timeout.  Two of the four timeouts apply here:
+concurrent ones); a request waits for a free one no longer than the
+upstream's ``queue_timeout``, then fails with :class:`QueueTimeout` (the next
+target, or 503 ``overloaded``; not the target's fault).  Two of the four
+timeouts apply here:
 
 * ``connect``: the TCP (and TLS) connection, enforced by the Agent;
-* ``first_byte``: from sending until the response headers arrive.
+* ``first_byte``: from sending (once a slot is had, never while queued) until
+  the response headers arrive.
 
 Every failure is raised as an :class:`~llmproxy.failures.UpstreamFailure`
 (an error status too, with its body read), except a client that went away,
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import attrs
 from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, DeferredSemaphore
 from twisted.internet.defer import TimeoutError as DeferTimeoutError
@@ -34,6 +38,7 @@ from twisted.web.client import (
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
+from llmproxy import errors
 from llmproxy.calls import ClientRequest
 from llmproxy.config import Target, Upstream
 from llmproxy.failures import Kind, UpstreamFailure
@@ -56,6 +61,29 @@ _CONNECTION_ERRORS = (
 # no whole response: the upstream may be generating it still.  (A pooled
 # connection the peer had closed is sent again by the pool itself.)
 _LOST_AFTER_SENDING = (ResponseNeverReceived, RequestTransmissionFailed, ResponseFailed)
+
+
+@attrs.define
+class QueueTimeout(UpstreamFailure):
+    """
+    No free connection to the upstream within its ``queue_timeout``: nothing
+    reached it, so another target may be tried (as after a refused connection),
+    and it says the proxy is busy, not that the target is unhealthy.  With no
+    other target it is a 503 ``overloaded`` with ``Retry-After``.
+    """
+
+    @property
+    def label(self) -> str:
+        return "queue"
+
+    def retry_reason(self) -> str | int:
+        return "connect"  # nothing was sent: as safe to try elsewhere as a refusal
+
+    def counts_against(self) -> bool:
+        return False
+
+    def to_api_error(self) -> errors.APIError:
+        return errors.overloaded(f"The upstream is busy ({self.message}); try again shortly.")
 
 
 class Forwarder:
@@ -131,13 +159,13 @@ class Forwarder:
         raise await self._refusal(exchange)
 
     async def _slot(self, upstream: Upstream) -> Slot:
-        """A free connection to ``upstream``, waited for no longer than its first_byte timeout."""
+        """A free connection to ``upstream``, waited for no longer than its queue_timeout."""
         semaphore = self._slots[upstream.name]
-        wait = min(upstream.timeouts.first_byte, upstream.timeouts.total)
+        wait = min(upstream.queue_timeout, upstream.timeouts.total)
         try:
             await semaphore.acquire().addTimeout(wait, self.reactor)
         except DeferTimeoutError:
-            raise UpstreamFailure(
+            raise QueueTimeout(
                 Kind.TIMEOUT, f"no free connection to {upstream.name} within {wait:g}s"
             ) from None
         return Slot(semaphore.release)
