@@ -16,9 +16,8 @@ every request, whatever route it takes.
   over the limit is refused with 413 before a byte of the body is read, and a
   chunked body is counted as it arrives and refused the moment it crosses the
   limit.  Either way the connection is closed after the answer.
-* HTTP/1.1 strictness where twisted.web is lenient (:class:`GatewayChannel`):
-  obs-fold, bare LF, and ambiguous body framing are a 400, an oversized head
-  a 431, and ``server.header_timeout`` bounds how long a request head may take.
+* HTTP/1.1 strictness where twisted.web is lenient, and the header deadline:
+  the connection's business (:mod:`llmproxy.channel`).
 * ``X-Forwarded-For``, honoured only when the peer is a trusted proxy.
 * ``server.max_inflight``: past that many requests in progress, the next is
   answered 503 ``overloaded`` with ``Retry-After: 1`` at once, before any
@@ -50,13 +49,12 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.python.failure import Failure
 from twisted.web import http
-from twisted.web.http import HTTPChannel
-from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from llmproxy import errors
+from llmproxy.channel import GatewayChannel
 from llmproxy.trace import Trace
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
@@ -377,183 +375,6 @@ class GatewayRequest(Request):
             cls = IPv6Address if ip.version == 6 else IPv4Address
             return cls("TCP", str(ip), 0)
         return peer
-
-
-def _framing_problem(headers: Headers, version: bytes) -> str | None:
-    """
-    Why the body's framing is ambiguous (RFC 9112 section 6), or ``None``: a
-    Transfer-Encoding other than exactly ``chunked``, one beside a
-    Content-Length, or one on a request older than HTTP/1.1.  Twisted reads
-    ``identity`` (and chunked on HTTP/1.0) where a proxy in front may frame
-    the body otherwise: a smuggled request.
-    """
-    codings = headers.getRawHeaders(b"transfer-encoding")
-    if codings is None:
-        return None
-    if version != b"HTTP/1.1":
-        return "Transfer-Encoding is only accepted on HTTP/1.1 requests."
-    if headers.hasHeader(b"content-length"):
-        return "A request may not have both Transfer-Encoding and Content-Length."
-    if len(codings) != 1 or codings[0].lower() != b"chunked":
-        return "The only Transfer-Encoding accepted is chunked."
-    return None
-
-
-def raw_answer(error: errors.APIError) -> bytes:
-    """``error`` as a whole HTTP/1.1 answer that ends the connection, for the wire."""
-    body = error.body()
-    return (
-        b"HTTP/1.1 %d %s\r\n"
-        b"Content-Type: application/json\r\n"
-        b"Content-Length: %d\r\n"
-        b"Connection: close\r\n\r\n"
-        % (error.status, HTTPStatus(error.status).phrase.encode("ascii"), len(body))
-    ) + body
-
-
-class GatewayChannel(HTTPChannel):
-    """
-    HTTP/1.1 channel that tells its site when it opens and closes (for
-    draining), and is strict about what it reads where twisted.web is lenient:
-
-    * an obs-fold line, a bare CR or LF line ending, and an ambiguous body
-      framing (see :func:`_framing_problem`) are a 400;
-    * a request line and headers over :attr:`totalHeadersSize` are a 431
-      (twisted.web closes without a word on a line over ``MAX_LENGTH``);
-    * twisted.web's own bad-request answer gets the API's error shape;
-    * the request head has an absolute deadline, the site's ``header_timeout``
-      from the connection (or, on a keep-alive connection, from the first
-      byte of the next request, so an idle pooled connection is not cut under
-      a client or nginx about to reuse it), against a client that sends its
-      headers a byte at a time: 408, then closed.
-
-    Each refusal is written straight onto the transport with
-    ``Connection: close``, and nothing more is read.
-    """
-
-    _refused = False
-    _deadline: IDelayedCall | None = None
-    #: Whether a byte of the request being waited for has arrived.
-    _head_started = False
-    #: Requests answered on this connection.
-    _answered = 0
-    #: A keep-alive connection waiting for its next request (no deadline yet).
-    _awaiting_next = False
-
-    @property
-    def _gateway(self) -> GatewaySite:
-        site: GatewaySite = self.site  # type: ignore[attr-defined]
-        return site
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self.closed: Deferred[None] = Deferred()
-        self._gateway.channels.add(self)
-        self._arm_deadline()
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        self._disarm_deadline()
-        super().connectionLost(reason)
-        self._gateway.channels.discard(self)
-        self.closed.callback(None)
-
-    def refuse(self, error: errors.APIError) -> None:
-        """Answer ``error`` straight onto the wire, read nothing more, and close."""
-        transport = self.transport
-        if self._refused or transport is None or getattr(transport, "disconnecting", False):
-            return
-        self._refused = True
-        self._disarm_deadline()
-        transport.write(raw_answer(error))
-        self.loseConnection()
-        self._gateway.observer.refused("rejected", error.status)
-
-    def _respondToBadRequestAndDisconnect(self) -> None:  # noqa: N802
-        """twisted.web's own 400 (a malformed request line or header), in the API's shape."""
-        self.refuse(errors.malformed_http("The request is not valid HTTP/1.1."))
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._refused:
-            return
-        if data and self._awaiting_next:
-            self._awaiting_next = False
-            self._arm_deadline()
-        if data and self._deadline is not None:
-            self._head_started = True
-        super().dataReceived(data)
-        # What is left unsplit in line mode holds no CRLF: any LF in it is bare.
-        if self.line_mode and not self._busyReceiving and not self.paused and b"\n" in self._buffer:
-            self.refuse(errors.malformed_http("Lines must end with CRLF, not a bare LF."))
-
-    def lineReceived(self, line: bytes) -> None:  # noqa: N802
-        if self._refused:
-            return
-        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
-            self.refuse(errors.headers_too_large(self.totalHeadersSize))
-        elif line[:1] in (b" ", b"\t"):
-            self.refuse(errors.malformed_http("Header continuation lines (obs-fold) are refused."))
-        elif b"\r" in line or b"\n" in line:
-            self.refuse(errors.malformed_http("Lines must end with CRLF, not a bare CR or LF."))
-        else:
-            super().lineReceived(line)
-
-    def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802
-        self.refuse(errors.headers_too_large(self.totalHeadersSize))
-
-    def allHeadersReceived(self) -> None:
-        self._disarm_deadline()
-        problem = _framing_problem(self.requests[-1].requestHeaders, self._version)
-        if problem is not None:
-            self.refuse(errors.malformed_http(problem))
-            return
-        super().allHeadersReceived()
-
-    def rawDataReceived(self, data: bytes) -> None:  # noqa: N802
-        if not self._refused:
-            super().rawDataReceived(data)
-
-    def allContentReceived(self) -> None:  # noqa: N802
-        if not self._refused:
-            super().allContentReceived()
-
-    def requestDone(self, request: http.Request) -> None:  # noqa: N802
-        self._answered += 1
-        if self.persistent and not self._refused:
-            # The next head's clock starts with its first byte (see dataReceived).
-            self._disarm_deadline()
-            self._awaiting_next = True
-        super().requestDone(request)
-
-    def _arm_deadline(self) -> None:
-        """Start the clock on the next request head (the site's ``header_timeout``)."""
-        self._disarm_deadline()
-        self._head_started = False
-        timeout = self._gateway.header_timeout
-        if timeout:
-            self._deadline = self._gateway.reactor.callLater(timeout, self._head_too_slow)
-
-    def _disarm_deadline(self) -> None:
-        if self._deadline is not None:
-            if self._deadline.active():
-                self._deadline.cancel()
-            self._deadline = None
-
-    def _head_too_slow(self) -> None:
-        """
-        The deadline passed before the request head was in: a 408 if part of a
-        request came or none was answered yet, else (an idle keep-alive) just
-        the close, so that a client reusing the connection as it closes does
-        not read a 408 as the answer to its next request.
-        """
-        self._deadline = None
-        transport = self.transport
-        if transport is None or self._refused:
-            return
-        if self._head_started or not self._answered:
-            transport.write(raw_answer(errors.header_timeout(self._gateway.header_timeout)))
-            self._gateway.observer.refused("rejected", 408)
-        self._refused = True
-        self.timeoutConnection()
 
 
 class GatewaySite(Site):
