@@ -47,8 +47,13 @@ class ConfigError(Exception):
 class Timeouts:
     connect: float = 5.0
     first_byte: float = 120.0
+    #: Seconds of upstream silence allowed before a body's first byte (and until a
+    #: stream's first event), and between any two chunks of a body read whole.
     idle: float = 60.0
     total: float = 900.0
+    #: Seconds of upstream silence allowed between two events of a stream, once its
+    #: first event has arrived (0: no bound but ``total``; keep-alives hold the client).
+    stream_idle: float = 0.0
 
 
 @attrs.frozen
@@ -367,7 +372,7 @@ def _http_url(value: object, path: str) -> str:
 
 
 def _timeouts(raw: object, path: str) -> Timeouts:
-    s = _Section(raw, path, ("connect", "first_byte", "idle", "total"))
+    s = _Section(raw, path, ("connect", "first_byte", "idle", "total", "stream_idle"))
     positive = _number(0, allow_equal=False)
     d = Timeouts()
     return Timeouts(
@@ -375,6 +380,7 @@ def _timeouts(raw: object, path: str) -> Timeouts:
         first_byte=s.get("first_byte", positive, d.first_byte),
         idle=s.get("idle", positive, d.idle),
         total=s.get("total", positive, d.total),
+        stream_idle=s.get("stream_idle", _number(0), d.stream_idle),
     )
 
 

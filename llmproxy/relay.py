@@ -18,8 +18,9 @@ seconds (:class:`KeepAlive`), so that nginx's and the client's read timeouts
 do not cut it.  The silence is timed from the headers and from each event
 relayed, and the comments stop with the stream's terminal event, its end, its
 cut, or its client.  Written from a timer, a comment always falls between two
-whole events.  It is traffic to the client only: the upstream's idle timeout
-still counts the upstream's silence.  No comment is recorded for the cache,
+whole events.  It is traffic to the client only: the upstream's own timers
+(``timeouts.stream_idle`` between events, when set; ``timeouts.total``) still
+count the upstream's silence.  No comment is recorded for the cache,
 neither ours nor a comment-only event of the upstream's (``: PROCESSING``,
 which the live client still gets), so a replay is the answer's events alone.
 """

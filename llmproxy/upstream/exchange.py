@@ -4,9 +4,14 @@ One upstream response whose headers have arrived, and the reading of its body.
 The body is received by a :class:`BodyStream`: registered as the producer of
 the client's response, so a slow client pauses the upstream socket (and the
 idle timer, since a paused read is not the upstream's silence); stopped, it
-closes the upstream connection.  Two timeouts apply from here on:
+closes the upstream connection.  Three timeouts apply from here on:
 
-* ``idle``: the longest silence between two body chunks while we are reading;
+* ``idle``: the longest silence while we are reading, before the body's first
+  byte and between any two chunks of a body read whole; in a stream, until its
+  first whole event;
+* ``stream_idle``: the longest silence between a stream's events once its first
+  event has arrived (0, the default: none, since a reasoning model may think for
+  minutes mid-stream; the relay's keep-alive comments hold the client meanwhile);
 * ``total``: the whole exchange, headers included (the deadline it was given).
 
 A body read whole (:meth:`Exchange.read`: a non-streamed answer, an error
@@ -95,6 +100,10 @@ class BodyStream(Protocol):
     Receives an upstream body chunk by chunk, under the idle and total
     timeouts; ``done`` fires when it ends cleanly, or fails with an
     :class:`UpstreamFailure`.  Cancelling ``done`` closes the connection.
+
+    ``idle`` bounds each silence of the upstream while it is read (0: no
+    bound); :meth:`relax` replaces it from then on, under another name (a
+    stream's ``stream_idle``, once its first event has arrived).
     """
 
     def __init__(
@@ -106,7 +115,9 @@ class BodyStream(Protocol):
     ) -> None:
         self.reactor = reactor
         self.on_data = on_data
+        #: The longest silence allowed now (0: none), and the setting it comes from.
         self.idle = idle
+        self.idle_name = "idle"
         self.done: Deferred[None] = Deferred(lambda d: self.stopProducing())
         self.paused = False
         self.started = reactor.seconds()
@@ -136,8 +147,21 @@ class BodyStream(Protocol):
         else:
             self.done.errback(UpstreamFailure(Kind.CUT, "the upstream closed the stream early"))
 
+    def relax(self, idle: float, name: str) -> None:
+        """
+        From now on, bound each silence by ``idle`` seconds (0: no bound but the
+        total timeout), reported as the ``name`` timeout; the silence in course
+        is timed again from now.
+        """
+        self.idle, self.idle_name = idle, name
+        self._disarm()
+        self._arm()
+
     def _arm(self) -> None:
-        if self.paused:
+        if self.paused or self.done.called:
+            return
+        if self.idle <= 0:
+            self._disarm()
             return
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.reset(self.idle)
@@ -150,7 +174,9 @@ class BodyStream(Protocol):
         self._idle_call = None
 
     def _timeout(self, which: str) -> None:
-        detail = f"idle timeout of {self.idle:g}s" if which == "idle" else "total timeout"
+        detail = (
+            f"{self.idle_name} timeout of {self.idle:g}s" if which == "idle" else "total timeout"
+        )
         now = self.reactor.seconds()
         paused = self.paused_for + (now - self.paused_since if self.paused else 0.0)
         # Out of time mostly because the client held the stream paused.
@@ -263,11 +289,22 @@ class Exchange:
         return self.redact(b"".join(chunks))
 
     def stream(self, on_event: Callable[[Event], None]) -> Deferred[None]:
-        """Deliver the body one whole server-sent event at a time; fires when it ends cleanly."""
+        """
+        Deliver the body one whole server-sent event at a time; fires when it
+        ends cleanly.  Until the first event, the upstream's silences are bound by
+        ``timeouts.idle``; after it, by ``timeouts.stream_idle`` (0: not at all).
+        """
         parser = self._parser = SSEParser()
+        first = True
 
         def on_data(data: bytes) -> None:
-            for event in parser.feed(data):
+            nonlocal first
+            parsed = parser.feed(data)
+            if first and parsed:
+                first = False
+                assert self.body_stream is not None
+                self.body_stream.relax(self.upstream.timeouts.stream_idle, "stream_idle")
+            for event in parsed:
                 raw = self.redact(event.raw)
                 on_event(event if raw is event.raw else attrs.evolve(event, raw=raw))
 

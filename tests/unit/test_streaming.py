@@ -117,9 +117,10 @@ class TruncationTests(SynchronousTestCase):
 
 
 class StreamTimeoutTests(SynchronousTestCase):
-    def test_idle_timeout_mid_stream_closes_the_upstream(self) -> None:
-        # stall_after_headers with stall_after=2 never finishes; the idle timeout ends it.
-        h2 = Harness(config_text(timeouts="{idle: 5}"))
+    def test_stream_idle_timeout_mid_stream_closes_the_upstream(self) -> None:
+        # stall_after_headers with stall_after=2 never finishes; the operator's
+        # stream_idle timeout (off by default) ends it.
+        h2 = Harness(config_text(timeouts="{stream_idle: 5}"))
         d = h2.start(
             "POST",
             "/v1/chat/completions",
@@ -136,7 +137,8 @@ class StreamTimeoutTests(SynchronousTestCase):
         found = events(b"".join(chunks))
         assert len(found) == 3 and found[-1].startswith("event: error")
         error = json.loads(found[-1].split("data: ", 1)[1])["error"]
-        assert error["code"] == "upstream_timeout" and "idle timeout of 5s" in error["message"]
+        assert error["code"] == "upstream_timeout"
+        assert "stream_idle timeout of 5s" in error["message"]
         assert h2.mocks["a"].stats["disconnects"] == 1  # the stalled upstream was closed
 
     def test_paused_client_does_not_trip_the_idle_timer(self) -> None:
@@ -335,8 +337,9 @@ class KeepAliveTests(SynchronousTestCase):
         )
         assert [e.is_comment for e in parsed] == [True, True, False, False, False, False]
 
-    def test_keepalives_do_not_hold_off_the_upstream_idle_timeout(self) -> None:
-        h = Harness(config_text(timeouts="{idle: 50}"))
+    def test_keepalives_do_not_hold_off_the_upstream_stream_idle_timeout(self) -> None:
+        # Only when the operator bounds the silence between events (off by default).
+        h = Harness(config_text(timeouts="{stream_idle: 50}"))
         response, chunks, done = collect_stream(
             h, chat(stream=True, mock={"stall_after_headers": True, "stall_after": 2})
         )
@@ -347,6 +350,7 @@ class KeepAliveTests(SynchronousTestCase):
         assert shape(b"".join(chunks)) == ["event", "event", "ka", "ka", "ka", "error"]
         found = events(b"".join(chunks))
         error = json.loads(found[-1].split("data: ", 1)[1])["error"]
-        assert error["code"] == "upstream_timeout" and "idle timeout of 50s" in error["message"]
+        assert error["code"] == "upstream_timeout"
+        assert "stream_idle timeout of 50s" in error["message"]
         assert h.mocks["a"].stats["disconnects"] == 1
         assert keepalive_timers(h) == []
