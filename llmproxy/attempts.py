@@ -1,9 +1,11 @@
 """
 Failover: try the targets of a plan until one answers, and relay its answer.
 
-Another target is tried only before the first byte reaches the client:
-connect errors, timeouts before the headers (or before a non-streamed body is
-whole), and the statuses of ``routing.retry_on``.  When every try failed, the
+Another target is tried only before the first byte reaches the client, and
+only for what ``routing.retry_on`` lists: by default connect errors (nothing
+reached the upstream), timeouts, and its statuses; a connection lost after the
+request was sent, or while a non-streamed body was read, only with ``reset``
+(it may be a replay).  When every try failed, the
 last upstream HTTP error is passed through; anything else is a 502 or a 504,
 and no usable target at all is a 503.  Each attempt's outcome is counted here
 (``llmproxy_upstream_attempts``) and reported to routing by the attempt.

@@ -64,9 +64,11 @@ class UpstreamFailure(Exception):
             return self.status
         if self.kind is Kind.TIMEOUT:
             return "timeout"
-        if self.kind is Kind.RESET:
-            return "reset"  # only when the operator opts in: it may be a replay
-        return "connect"  # nothing reached the upstream, or a body cut before the client saw it
+        if self.kind in (Kind.RESET, Kind.CUT):
+            # Only when the operator opts in: the upstream got the request (and,
+            # for a body cut after its headers, generated it), so it may be a replay.
+            return "reset"
+        return "connect"  # nothing reached the upstream
 
     def counts_against(self) -> bool:
         """Does this failure say the target is unhealthy?  A 4xx is the client's problem."""

@@ -19,6 +19,7 @@ from a ``mock`` object in the request body (that request only)::
                             until ``POST /_mock/release`` before the rest
     stall_after_headers     send the headers (and ``stall_after`` events), then nothing
     cut_after               close the connection after this many stream events
+    cut_body                a non-streamed 200: half its body, then close the connection
     interval                seconds between stream events
     comment                 send ``: {comment}`` (an SSE comment) before each stream event
     words                   how many content deltas (default: the reply's words)
@@ -366,6 +367,14 @@ class MockUpstream:
         if knobs.get("stall_after_headers"):
             request.setHeader("content-length", str(len(data)))
             request.write(data[: len(data) // 2])
+            return self._stall(request)
+        if knobs.get("cut_body"):
+            # Headers and half the body, then the connection drops: it was generated.
+            request.setHeader("content-length", str(len(data)))
+            request.write(data[: len(data) // 2])
+            transport = getattr(request.channel, "transport", None)
+            if transport is not None:
+                transport.loseConnection()
             return self._stall(request)
         return data
 

@@ -116,6 +116,22 @@ class RetryOnTests(SynchronousTestCase):
         assert "after the request was sent" in answer.json()["error"]["message"]
         assert h.seen("b") == [] and h.seen("c") == []
 
+    def test_a_body_cut_after_its_headers_is_not_generated_twice(self) -> None:
+        # The upstream answered 200 and began the body: it generated (and billed) it.
+        h = Harness(three(), mocks=("a", "b", "c"))
+        h.mocks["a"].config = {"cut_body": True}
+        h.mocks["b"].config = {"cut_body": True}
+        h.mocks["c"].config = {"cut_body": True}
+        answer = h.request("POST", "/v1/chat/completions", chat())
+        assert answer.code == 502
+        assert sum(len(h.seen(n)) for n in "abc") == 1
+        opted = Harness(
+            three(extra="routing: {retry_on: [connect, reset]}\n"), mocks=("a", "b", "c")
+        )
+        for name in "ab":
+            opted.mocks[name].config = {"cut_body": True}
+        assert opted.request("POST", "/v1/chat/completions", chat()).code == 200
+
     def test_an_operator_who_opts_in_gets_the_next_target(self) -> None:
         extra = "routing: {retry_on: [connect, timeout, reset]}\n"
         h = Harness(three(extra=extra), mocks=("a", "b", "c"), clients={"a": Resets()})
