@@ -38,6 +38,14 @@ def blocks(body: bytes) -> list[bytes]:
     return [block + b"\n\n" for block in body.split(b"\n\n") if block]
 
 
+def read_stream(received: bytes) -> tuple[bytes, list[bytes], list[bytes]]:
+    """A whole streamed response: its head, every block, and the events alone."""
+    head, _, chunked = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    live = blocks(dechunk(chunked))
+    return head, live, [block for block in live if block != KEEPALIVE]
+
+
 def test_a_silent_stream_is_kept_alive_and_cached_without_comments(
     start: StartProxy, fresh_mock: Mock
 ) -> None:
@@ -52,11 +60,8 @@ def test_a_silent_stream_is_kept_alive_and_cached_without_comments(
         received = read_until(sock, response_ended, "the end of the stream", received=received)
     finally:
         sock.close()
-    head, _, chunked = received.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200 ")
+    head, live, answer = read_stream(received)
     assert b"x-llmproxy-cache: miss" in head.lower()
-    live = blocks(dechunk(chunked))
-    answer = [block for block in live if block != KEEPALIVE]
     assert KEEPALIVE in live  # a block of its own, between whole events
     assert all(block.startswith(b"data: ") for block in answer)
     assert answer[-1] == b"data: [DONE]\n\n"

@@ -22,7 +22,7 @@ from tests.system.harness import (
     read_until,
     response_ended,
 )
-from tests.system.test_keepalive import blocks, dechunk
+from tests.system.test_keepalive import read_stream
 
 #: Keep-alives to wait for while the upstream is held: 5 x 0.3 s, past ``idle`` (1 s).
 HELD_FOR = 5
@@ -57,10 +57,7 @@ def test_a_pause_between_events_longer_than_idle_does_not_cut_the_stream(
         received = read_until(sock, response_ended, "the end of the stream", received=received)
     finally:
         sock.close()
-    head, _, chunked = received.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200 ")
-    live = blocks(dechunk(chunked))
-    answer = [block for block in live if block != KEEPALIVE]
+    _, live, answer = read_stream(received)
     assert live.count(KEEPALIVE) >= HELD_FOR
     assert all(block.startswith(b"data: ") for block in answer)  # no error event
     assert answer[-1] == b"data: [DONE]\n\n"
