@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from llmproxy.testing.processes import Mock, Proxy, RedisServer, upstream_block
-from tests.system.harness import CORE_MODELS, UPSTREAM_KEY, StartProxy
+from tests.system.harness import CORE_MODELS, UPSTREAM_KEY, StartProxy, cache_config
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -78,3 +78,11 @@ def fresh_trio(trio: dict[str, Mock]) -> dict[str, Mock]:
     for m in trio.values():
         m.reset()
     return trio
+
+
+@pytest.fixture
+def redis_proxy(tmp_path: Path, fresh_mock: Mock, redis_server: RedisServer) -> Iterator[Proxy]:
+    """A proxy whose cache is the test's private redis-server."""
+    proxy = Proxy(tmp_path, cache_config(fresh_mock, "redis", redis_server))
+    yield proxy
+    proxy.stop()

@@ -7,6 +7,7 @@ the small configs and clients several test files use.
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import socket
 import time
@@ -197,3 +198,13 @@ def events_arrived(count: int) -> Callable[[bytes], bool]:
 def response_ended(received: bytes) -> bool:
     """The terminating chunk of a chunked response has arrived."""
     return received.endswith(b"0\r\n\r\n")
+
+
+_probes = itertools.count()
+
+
+def caching_works(proxy: Proxy) -> bool:
+    """A new prompt, asked twice: the second answer is a hit (from Redis, say)."""
+    body = chat(f"probe {next(_probes)}")
+    post(proxy, body)
+    return post(proxy, body)[1]["x-llmproxy-cache"] == "hit"

@@ -9,15 +9,12 @@ from __future__ import annotations
 import http.client
 import itertools
 import json
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from llmproxy.testing.processes import Mock, Proxy, RedisServer, wait_for
 from tests.system.harness import (
     StartProxy,
     cache_config,
+    caching_works,
     chat,
     events_arrived,
     post,
@@ -28,19 +25,6 @@ from tests.system.harness import (
 )
 
 _unique = itertools.count()
-
-
-@pytest.fixture
-def redis_proxy(tmp_path: Path, fresh_mock: Mock, redis_server: RedisServer) -> Iterator[Proxy]:
-    proxy = Proxy(tmp_path, cache_config(fresh_mock, "redis", redis_server))
-    yield proxy
-    proxy.stop()
-
-
-def caching_works(proxy: Proxy) -> bool:
-    body = chat(f"probe {next(_unique)}")
-    post(proxy, body)
-    return post(proxy, body)[1]["x-llmproxy-cache"] == "hit"
 
 
 def test_two_proxies_share_entries(

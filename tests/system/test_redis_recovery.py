@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
-from llmproxy.testing.processes import Mock, Proxy, RedisServer, wait_for
-from tests.system.harness import cache_config, chat, post
+from llmproxy.testing.processes import Proxy, RedisServer, wait_for
+from tests.system.harness import caching_works, chat, post
 
 #: Seconds Redis stays stalled: past the call and reply timeouts (0.25 s) and
 #: past txredisapi's first reconnection delay (about 1 s), so reconnections
@@ -35,20 +34,6 @@ CLIENTS = 8
 RECOVERY = 5.0
 
 _unique = itertools.count()
-
-
-@pytest.fixture
-def redis_proxy(tmp_path: Path, fresh_mock: Mock, redis_server: RedisServer) -> Iterator[Proxy]:
-    proxy = Proxy(tmp_path, cache_config(fresh_mock, "redis", redis_server))
-    yield proxy
-    proxy.stop()
-
-
-def caching_works(proxy: Proxy) -> bool:
-    """A new prompt, asked twice: the second answer is a hit from Redis."""
-    body = chat(f"probe {next(_unique)}")
-    post(proxy, body)
-    return post(proxy, body)[1]["x-llmproxy-cache"] == "hit"
 
 
 def serve_through_stall(proxy: Proxy, seconds: float) -> int:
