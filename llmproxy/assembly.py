@@ -19,7 +19,7 @@ from typing import Protocol
 
 import attrs
 from twisted.application.internet import TimerService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import Resource
@@ -49,7 +49,7 @@ from llmproxy.routing.health import HealthStore, LocalHealth, RedisHealth
 from llmproxy.routing.router import Router
 from llmproxy.site import GatewaySite, InFlight
 from llmproxy.upstream.client import UpstreamClient
-from llmproxy.upstream.forwarder import Forwarder
+from llmproxy.upstream.forwarder import Forwarder, connection_slots
 
 
 @attrs.frozen
@@ -108,9 +108,24 @@ class FixedClients:
         return self.clients
 
 
-def _store_settings(config: Config) -> tuple[object, ...]:
-    """What the stores are made from: a reload that keeps these keeps the stores."""
-    return (config.cache.namespace, config.cache.max_bytes, config.routing)
+def restock(old: Stores, before: Config, after: Config, fresh: Callable[[], Stores]) -> Stores:
+    """
+    The stores for ``after``: each kept unless what it is made from changed,
+    so a reload keeps the memory cache, the rate-limit windows and the pins.
+    """
+    ns = before.cache.namespace == after.cache.namespace
+    keep_cache = ns and before.cache.max_bytes == after.cache.max_bytes
+    keep_health = ns and before.routing.cooldown == after.routing.cooldown
+    keep_affinity = ns and before.routing.affinity_ttl == after.routing.affinity_ttl
+    if keep_cache and keep_health and keep_affinity and ns:
+        return old
+    new = fresh()
+    return Stores(
+        health=old.health if keep_health else new.health,
+        affinity=old.affinity if keep_affinity else new.affinity,
+        limiter=old.limiter if ns else new.limiter,
+        cache=old.cache if keep_cache else new.cache,
+    )
 
 
 class LiveGateway:
@@ -153,6 +168,7 @@ class LiveGateway:
             reactor=reactor,
         )
         self.config = config
+        self._slots: dict[str, tuple[Upstream, DeferredSemaphore]] = {}
         self.checks: TimerService | None = None
         #: Told of every config applied after the first (the tree's own parts).
         self.applied: list[Callable[[Config, Config], object]] = []
@@ -164,8 +180,10 @@ class LiveGateway:
     def _install(self, config: Config, previous: Router | None) -> Router:
         """Wire ``config`` and make it what the site serves; the new router."""
         reactor = self.reactor
-        if previous is not None and _store_settings(config) != _store_settings(self.config):
-            self.shared = stores(config, reactor, self.redis)
+        if previous is not None:
+            self.shared = restock(
+                self.shared, self.config, config, lambda: stores(config, reactor, self.redis)
+            )
         shared = self.shared
         self.cache.configure(shared.cache, config.cache)
         router = Router(config, reactor, health=shared.health)
@@ -179,6 +197,7 @@ class LiveGateway:
             clients,
             Redactor(config.secrets()),
             config.server.max_response_bytes,
+            self._slots_for(config),
         )
         relay = Relay(shared.affinity, self.cache.max_record, reactor, config.server.sse_keepalive)
         attempts = Attempts(forwarder, relay, self.metrics, reactor)
@@ -205,6 +224,23 @@ class LiveGateway:
             self.checks = CheckService(reactor, active, settings.interval)
         return router
 
+    def _slots_for(self, config: Config) -> dict[str, DeferredSemaphore]:
+        """
+        The connection slots of ``config``'s upstreams: an unchanged upstream
+        keeps its semaphore, so requests of the old config and the new share
+        one ``max_connections``.
+        """
+        kept = {
+            name: slot
+            for name, (upstream, slot) in self._slots.items()
+            if config.upstreams.get(name) == upstream
+        }
+        fresh = connection_slots({n: u for n, u in config.upstreams.items() if n not in kept})
+        self._slots = {
+            n: (config.upstreams[n], kept[n] if n in kept else fresh[n]) for n in config.upstreams
+        }
+        return {name: slot for name, (_, slot) in self._slots.items()}
+
     def apply(self, config: Config) -> Changes:
         """Serve ``config`` from the next request on; what it changed."""
         old = self.config
@@ -214,13 +250,17 @@ class LiveGateway:
             hook(old, config)
         return diff(old, config)
 
-    async def reload(self) -> dict[str, object]:
-        """Re-read the config file and apply it (the answer of /admin/reload)."""
+    def _read_again(self) -> Config:
+        """The config file, read and checked again; a refusal is logged and raised as a 400."""
         try:
-            config = read_again(self.config)
+            return read_again(self.config)
         except ReloadRefused as e:
             self.log.error("reload refused: {reason}", reason=str(e))
             raise e.api_error() from None
+
+    async def reload(self) -> dict[str, object]:
+        """Re-read the config file and apply it (the answer of /admin/reload)."""
+        config = self._read_again()
         changes = self.apply(config)
         self.log.info(
             "reloaded {source}: added {added}, removed {removed}, changed {changed}",
@@ -232,11 +272,16 @@ class LiveGateway:
         return changes.as_json()
 
     async def reload_fleet(self) -> dict[str, object]:
-        """/admin/reload: reload here, then have the parent of ``--workers`` reload them all."""
-        answer = await self.reload()
-        if self.fleet_reload is not None:
-            self.fleet_reload()
-        return answer
+        """
+        /admin/reload.  A worker of ``--workers`` checks the file and answers
+        what it changes, and has its parent signal every worker (itself
+        included) to apply it, so each reads and applies the file once.
+        """
+        if self.fleet_reload is None:
+            return await self.reload()
+        config = self._read_again()
+        self.fleet_reload()
+        return diff(self.config, config).as_json()
 
     def reload_now(self) -> Deferred[object]:
         """Reload, from a signal: a refusal is logged, never raised."""

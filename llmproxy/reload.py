@@ -11,11 +11,13 @@ applies to the next request; see :class:`llmproxy.assembly.LiveGateway`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 import attrs
 
 from llmproxy import errors
+from llmproxy.accesslog import open_log
 from llmproxy.config import Config, ConfigError, load_config
 
 #: What a running process cannot change without a restart.
@@ -96,4 +98,14 @@ def read_again(current: Config) -> Config:
             f"{source}: {', '.join(refused)} cannot change while the proxy runs; "
             "restart it to apply this file (nothing was applied)"
         )
+    log = new.access_log
+    if log is not None and log.path != "-" and log != current.access_log:
+        # Found now, not half-way through applying the file.
+        try:
+            os.close(open_log(log.path))
+        except OSError as e:
+            raise ReloadRefused(
+                f"{source}: access_log.path: cannot open '{log.path}': {e.strerror} "
+                "(nothing was applied)"
+            ) from None
     return new

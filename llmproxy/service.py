@@ -198,8 +198,9 @@ def build_service(
     logs = AccessLogs(reactor, top, gateway.requests, gateway.site)
     logs.configure(config.access_log)
     _attach_checks(top, gateway.checks)
-    gateway.applied.append(lambda old, new: logs.configure(new.access_log))
+    # The checks first: they cannot fail, and must follow the new router.
     gateway.applied.append(lambda old, new: _attach_checks(top, gateway.checks))
+    gateway.applied.append(lambda old, new: logs.configure(new.access_log))
     if metrics_dir:
         refresh = TimerService(1.0, gateway.metrics.refresh)
         refresh.clock = reactor

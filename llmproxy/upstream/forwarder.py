@@ -86,6 +86,11 @@ class QueueTimeout(UpstreamFailure):
         return errors.overloaded(f"The upstream is busy ({self.message}); try again shortly.")
 
 
+def connection_slots(upstreams: Mapping[str, Upstream]) -> dict[str, DeferredSemaphore]:
+    """One semaphore of ``max_connections`` per upstream."""
+    return {name: DeferredSemaphore(u.max_connections) for name, u in upstreams.items()}
+
+
 class Forwarder:
     """Sends requests to upstreams, one exchange at a time."""
 
@@ -96,6 +101,7 @@ class Forwarder:
         clients: Mapping[str, UpstreamClient],
         redact: Redactor,
         max_response_bytes: int = MAX_BODY,
+        slots: Mapping[str, DeferredSemaphore] | None = None,
     ) -> None:
         self.reactor = reactor
         self.upstreams = upstreams
@@ -103,7 +109,10 @@ class Forwarder:
         self.redact = redact
         #: The most bytes of a body read whole (``server.max_response_bytes``).
         self.max_response_bytes = max_response_bytes
-        self._slots = {name: DeferredSemaphore(u.max_connections) for name, u in upstreams.items()}
+        #: ``max_connections`` per upstream; given, they outlive a reload (see
+        #: :class:`~llmproxy.assembly.LiveGateway`), so two configs' requests
+        #: share one bound.
+        self._slots = dict(slots) if slots is not None else connection_slots(upstreams)
 
     def build_headers(
         self, upstream: Upstream, client: Mapping[str, str], request_id: str, has_body: bool

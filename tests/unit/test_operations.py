@@ -135,6 +135,38 @@ class ReloadTests(SynchronousTestCase):
             assert "listen, cache.backend cannot change" in str(raised.exception)
             assert "restart" in str(raised.exception)
 
+    def test_an_access_log_that_cannot_be_opened_is_refused_before_anything_applies(
+        self,
+    ) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "llmproxy.yaml"
+            path.write_text(config_text())
+            current = parse_yaml(path.read_text(), str(path), {})
+            nowhere = Path(tmp) / "missing-dir" / "access.log"
+            path.write_text(config_text(extra=f"access_log: {{path: '{nowhere}'}}\n"))
+            with self.assertRaises(ReloadRefused) as raised:
+                read_again(current)
+            assert "access_log.path: cannot open" in str(raised.exception)
+            assert str(raised.exception).startswith(str(path))
+
+    def test_a_routing_change_keeps_the_cache_the_limits_and_the_slots(self) -> None:
+        limited = "auth:\n  keys:\n    - {name: alice, key: sk-alice-0001, rpm: 2}\n"
+        h = Harness(config_text(extra=limited))
+        alice = bearer("sk-alice-0001")
+        assert (
+            h.request("POST", "/v1/chat/completions", chat(), alice).header("x-llmproxy-cache")
+            == "miss"
+        )
+        slot = h.gateway._slots["a"][1]
+        h.gateway.apply(parse_yaml(config_text(extra=limited + "routing: {retries: 0}\n"), "t", {}))
+        again = h.request("POST", "/v1/chat/completions", chat(), alice)
+        assert again.header("x-llmproxy-cache") == "hit"  # the memory cache was kept
+        assert h.request("POST", "/v1/chat/completions", chat("other"), alice).code == 429
+        # Requests of both configs share one max_connections to an unchanged upstream.
+        assert h.gateway._slots["a"][1] is slot
+        h.gateway.apply(parse_yaml(config_text(upstreams={"a": "rotated"}, extra=limited), "t", {}))
+        assert h.gateway._slots["a"][1] is not slot  # a changed upstream gets its own
+
     def test_diff_and_restart_fields(self) -> None:
         old = parse_yaml(config_text(), "test", {})
         new = parse_yaml(config_text(upstreams={"a": "k2", "z": "kz"}), "test", {})
