@@ -63,7 +63,7 @@ def record(request: GatewayRequest, lost: bool, now: float) -> dict[str, object]
         "ttfb_ms": _ms(first - trace.started),
         "duration_ms": _ms(now - trace.started),
         "upstream_ttfb_ms": _ms(trace.upstream_ttfb),
-        "overhead_ms": _ms(max(0.0, first - trace.started - trace.upstream_wait)),
+        "overhead_ms": _ms(trace.overhead(first)),
         "input_tokens": trace.input_tokens,
         "output_tokens": trace.output_tokens,
         "bytes_in": request.bytes_in,
@@ -86,7 +86,7 @@ class RequestLog:
         first = trace.first_byte if trace.first_byte is not None else now
         overhead = None
         if trace.model is not None and not lost:
-            overhead = max(0.0, first - trace.started - trace.upstream_wait)
+            overhead = trace.overhead(first)
         self.metrics.finished(
             request.endpoint, trace.model, now - trace.started, first - trace.started, overhead
         )

@@ -47,9 +47,13 @@ class Trace:
             self.upstream_wait += max(0.0, now - self.waiting_since)
             self.waiting_since = None
 
+    def overhead(self, first_byte: float) -> float:
+        """The proxy's own time before ``first_byte``: all of it but the upstream waits."""
+        return max(0.0, (first_byte - self.started) - self.upstream_wait)
+
     def answering(self, now: float) -> float:
         """The client's headers go out now: the proxy's own time so far, in seconds."""
         self.waited(now)
         if self.first_byte is None:
             self.first_byte = now
-        return max(0.0, (now - self.started) - self.upstream_wait)
+        return self.overhead(now)

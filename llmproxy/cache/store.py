@@ -90,8 +90,8 @@ class ResponseCache:
     log = Logger()
 
     def __init__(self, backend: CacheBackend | None, settings: config.Cache) -> None:
+        self.flights = Flights(MAX_RECORD)
         self.configure(backend, settings)
-        self.flights = Flights(self.max_record)
         self._counts = dict.fromkeys(
             ("hits", "misses", "stores", "errors", "bypass", "stored_bytes", "cache_corrupt"), 0
         )
@@ -110,8 +110,7 @@ class ResponseCache:
         self.max_record = (
             min(MAX_RECORD, settings.max_bytes) if settings.backend == "memory" else MAX_RECORD
         )
-        if hasattr(self, "flights"):
-            self.flights.max_record = self.max_record
+        self.flights.max_record = self.max_record
 
     @property
     def default_verdict(self) -> Verdict:

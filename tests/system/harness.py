@@ -191,6 +191,24 @@ def read_until(
     return received
 
 
+def read_to_close(sock: socket.socket, timeout: float = 15.0) -> bytes:
+    """Everything ``sock`` receives until the peer closes (or resets) it; fail at the deadline."""
+    received = b""
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            return received
+        if not chunk:
+            return received
+        received += chunk
+    raise AssertionError(f"not closed within {timeout} s; received {received[-300:]!r}")
+
+
 def events_arrived(count: int) -> Callable[[bytes], bool]:
     return lambda received: received.count(b"\n\n") >= count
 

@@ -10,7 +10,6 @@ import json
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import openai
@@ -23,6 +22,7 @@ from tests.system.harness import (
     StartProxy,
     events_arrived,
     raw_post,
+    read_to_close,
     read_until,
     response_ended,
 )
@@ -268,22 +268,6 @@ def test_graceful_shutdown_drains_in_flight_streams(start: StartProxy, mock: Moc
     assert proxy.process.proc.wait(timeout=30) == 0
     assert "draining 1 in-flight requests" in proxy.process.log()
     assert "Traceback" not in proxy.process.log()
-
-
-def read_to_close(sock: socket.socket, timeout: float = 15.0) -> bytes:
-    """Everything ``sock`` receives until the peer closes it (or fail at the deadline)."""
-    received = b""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            continue
-        if not chunk:
-            return received
-        received += chunk
-    raise AssertionError(f"the connection stayed open; received {received[-300:]!r}")
 
 
 def test_a_stream_the_drain_cuts_ends_with_an_error_event(start: StartProxy, mock: Mock) -> None:

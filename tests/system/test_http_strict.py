@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from llmproxy.testing.processes import Mock, Proxy, upstream_block
-from tests.system.harness import CORE_MODELS, UPSTREAM_KEY
+from tests.system.harness import CORE_MODELS, UPSTREAM_KEY, read_to_close
 
 #: The longest any row may take to be answered and closed (it should be at once).
 DEADLINE = 10.0
@@ -40,31 +39,11 @@ def strict(tmp_path_factory: pytest.TempPathFactory, mock: Mock) -> Iterator[Pro
     proxy.stop()
 
 
-def read_to_close(sock: socket.socket, timeout: float = DEADLINE) -> bytes:
-    """Everything the proxy sends until it closes; fail if it has not closed by ``timeout``."""
-    received = b""
-    deadline = time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(f"not closed within {timeout} s; received {received[-300:]!r}")
-        sock.settimeout(remaining)
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            continue
-        except ConnectionResetError:
-            return received
-        if not chunk:
-            return received
-        received += chunk
-
-
 def exchange(proxy: Proxy, data: bytes) -> bytes:
     """Send ``data`` on a new connection; what came back before the proxy closed it."""
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE) as sock:
         sock.sendall(data)
-        return read_to_close(sock)
+        return read_to_close(sock, DEADLINE)
 
 
 def refusal(received: bytes, status: int) -> dict[str, object]:
