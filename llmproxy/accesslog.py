@@ -52,7 +52,12 @@ FIELDS = (
     "upstream_ttfb_ms",
     "overhead_ms",
     "input_tokens",
+    "cached_input_tokens",
     "output_tokens",
+    "reasoning_tokens",
+    "tokens_estimated",
+    "cost_usd",
+    "saved_usd",
     "bytes_in",
     "bytes_out",
 )

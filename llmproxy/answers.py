@@ -3,7 +3,7 @@ What the proxy knows about OpenAI answers.
 
 An :class:`Inspector` watches one answer go by, a whole body or a stream
 event by event, and notes what the rest of the proxy needs: the token usage
-(for limits and metrics), the response ids it hands out (for affinity), its
+(:class:`Usage`, for limits, cost and metrics), the response ids it hands out (for affinity), its
 terminal event (a stream is complete only with one), and anything that makes
 it unfit for the cache.  :func:`worth_storing` says whether a whole body is a
 complete, non-empty answer.  Nothing here writes to a client.
@@ -13,20 +13,122 @@ from __future__ import annotations
 
 import json
 import re
+from decimal import Decimal
 
 import attrs
 from twisted.web.http_headers import Headers
 
+from llmproxy.body import drop_member
 from llmproxy.cache.entry import Uncacheable
+from llmproxy.config import Price
 from llmproxy.sse import Event
 
 #: Stream events after which nothing more is due (the Responses API's).
 TERMINAL_EVENTS = frozenset({"response.completed", "response.failed", "response.incomplete"})
 
 _LENGTH = re.compile(r'"finish_reason"\s*:\s*"length"')
-_TOTAL_TOKENS = re.compile(rb'"total_tokens"\s*:\s*(\d+)')
-_INPUT_TOKENS = re.compile(rb'"(?:prompt|input)_tokens"\s*:\s*(\d+)')
-_OUTPUT_TOKENS = re.compile(rb'"(?:completion|output)_tokens"\s*:\s*(\d+)')
+#: Where a usage object begins, whatever the whitespace.  Inside a JSON string
+#: the quotes would be escaped, so this only finds a member name.
+_USAGE = re.compile(rb'"usage"\s*:\s*\{')
+_USAGE_TEXT = re.compile(r'"usage"\s*:\s*(\{|null)')
+_decoder = json.JSONDecoder()
+
+
+def _count(value: object) -> int:
+    """A token count as reported: a non-negative integer, else 0."""
+    return value if type(value) is int and value > 0 else 0
+
+
+@attrs.frozen
+class Usage:
+    """
+    The tokens of one answer, in four disjoint kinds that add up to its total:
+    ``input`` is the prompt less what the upstream read from its prompt cache
+    (``cached_input``), and ``output`` is the completion less its
+    ``reasoning``.  ``estimated`` when the answer reported no usage and the
+    proxy counted for itself.
+    """
+
+    input: int = 0
+    cached_input: int = 0
+    output: int = 0
+    reasoning: int = 0
+    estimated: bool = False
+
+    @property
+    def total(self) -> int:
+        return self.input + self.cached_input + self.output + self.reasoning
+
+    def counts(self) -> tuple[int, int, int, int]:
+        return (self.input, self.cached_input, self.output, self.reasoning)
+
+    def kinds(self) -> dict[str, int]:
+        return {
+            "input": self.input,
+            "cached_input": self.cached_input,
+            "output": self.output,
+            "reasoning": self.reasoning,
+        }
+
+    def cost(self, price: Price | None) -> Decimal | None:
+        """What these tokens cost at ``price`` (None: unpriced, and no guess)."""
+        if price is None:
+            return None
+        return price.cost(self.input, self.cached_input, self.output, self.reasoning)
+
+    @classmethod
+    def of(cls, usage: object) -> Usage | None:
+        """
+        The usage object of any OpenAI answer: chat and completions
+        (``prompt_tokens``, ``completion_tokens`` and their ``_details``) or
+        the Responses API (``input_tokens``, ``output_tokens``...).  None when
+        it is not one.
+        """
+        if not isinstance(usage, dict):
+            return None
+        if "input_tokens" in usage or "output_tokens" in usage:
+            given, made = usage.get("input_tokens"), usage.get("output_tokens")
+            given_details = usage.get("input_tokens_details")
+            made_details = usage.get("output_tokens_details")
+        elif "prompt_tokens" in usage or "completion_tokens" in usage:
+            given, made = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            given_details = usage.get("prompt_tokens_details")
+            made_details = usage.get("completion_tokens_details")
+        else:
+            return None
+        prompt, completion = _count(given), _count(made)
+        cached = (
+            _count(given_details.get("cached_tokens")) if isinstance(given_details, dict) else 0
+        )
+        reasoning = (
+            _count(made_details.get("reasoning_tokens")) if isinstance(made_details, dict) else 0
+        )
+        # A detail larger than its whole is the upstream's mistake: never a negative count.
+        cached, reasoning = min(cached, prompt), min(reasoning, completion)
+        return cls(prompt - cached, cached, completion - reasoning, reasoning)
+
+    @classmethod
+    def estimate(cls, request_body: bytes, output: int) -> Usage:
+        """About four bytes of prompt per token; ``output`` as counted."""
+        return cls(input=len(request_body) // 4, output=output, estimated=True)
+
+
+def usage_in(data: bytes) -> Usage | None:
+    """
+    The usage of a whole JSON answer, found without parsing the rest of it (an
+    embeddings batch can be megabytes).  The usage object comes last.
+    """
+    found = None
+    for match in _USAGE.finditer(data):
+        found = match
+    if found is None:
+        return None
+    try:
+        text = data[found.end() - 1 :].decode("utf-8")
+        value, _ = _decoder.raw_decode(text)
+    except (ValueError, RecursionError):
+        return None
+    return Usage.of(value)
 
 
 @attrs.define
@@ -34,13 +136,18 @@ class Inspector:
     """Watches one answer of ``endpoint`` (``chat/completions``, ``responses``...)."""
 
     endpoint: str
-    #: ``usage.total_tokens``, when the answer reported it.
-    usage_tokens: int = 0
-    #: ``usage``'s prompt (input) and completion (output) tokens, when reported.
-    input_tokens: int | None = None
-    output_tokens: int | None = None
+    #: Take the usage out of a chat stream that only has it because the proxy
+    #: asked (``routing.stream_usage: force``): its client gets the bytes it
+    #: would have got without it.
+    strip_usage: bool = False
+    #: The answer's usage, when it reported one.
+    usage: Usage | None = None
+    #: The price of the target that answered, once one does.
+    price: Price | None = None
     #: Stream events that carried data (a token each, roughly).
     data_events: int = 0
+    #: The size of a whole (non-streamed) answer.
+    body_bytes: int = 0
     #: A 2xx answer went to the client: something was generated.
     answered: bool = False
     #: Response ids seen and not yet taken by :meth:`take_response_ids`.
@@ -50,27 +157,23 @@ class Inspector:
 
     def body(self, data: bytes) -> None:
         """A whole (non-streamed) answer."""
+        self.body_bytes = len(data)
         if self.endpoint.startswith("responses"):
             try:
                 self._json(json.loads(data))  # the response id is needed
             except ValueError:
                 pass
             return
-        # Only the usage is needed: a regex over the bytes costs a fraction of
-        # parsing a large answer (an embeddings batch).  The usage object comes
-        # last; inside a JSON string the quotes would be escaped and not match.
-        matches = _TOTAL_TOKENS.findall(data)
-        if matches:
-            self.usage_tokens = int(matches[-1])
-            inputs, outputs = _INPUT_TOKENS.findall(data), _OUTPUT_TOKENS.findall(data)
-            self.input_tokens = int(inputs[-1]) if inputs else None
-            self.output_tokens = int(outputs[-1]) if outputs else None
+        self.usage = usage_in(data) or self.usage
 
-    def event(self, event: Event) -> None:
-        """One stream event, as it goes to the client."""
+    def event(self, event: Event) -> Event | None:
+        """
+        One stream event on its way to the client: what the client gets of it
+        (None: nothing, when it is the usage chunk the proxy asked for).
+        """
         if event.is_done:
             self.terminal = "[DONE]"
-            return
+            return event
         if event.data:
             self.data_events += 1
         kind = event.event
@@ -79,29 +182,47 @@ class Inspector:
             self.uncacheable = Uncacheable.ERROR_EVENT
         elif kind is None and _LENGTH.search(event.data):
             self.uncacheable = Uncacheable.TRUNCATED
-        if kind in ("response.created", "response.completed") or (
-            kind is None and '"usage":{' in event.data
-        ):
+        if kind in ("response.created", "response.completed"):
             try:
                 data = json.loads(event.data)
             except ValueError:
-                return
+                data = None
             if isinstance(data, dict) and isinstance(data.get("response"), dict):
-                data = data["response"]
-            self._json(data)
+                self._json(data["response"])
+        elif kind is None and '"usage"' in event.data:
+            return self._chunk_usage(event)
         if kind in TERMINAL_EVENTS:
             self.terminal = kind
+        return event
+
+    def _chunk_usage(self, event: Event) -> Event | None:
+        """A chat chunk that names a usage: note it, and strip it when asked to."""
+        match = _USAGE_TEXT.search(event.data)
+        if match is None:
+            return event
+        if match.group(1) == "{":
+            try:
+                payload = json.loads(event.data)
+            except ValueError:
+                return event
+            if not isinstance(payload, dict):
+                return event
+            self.usage = Usage.of(payload.get("usage")) or self.usage
+            if self.strip_usage and payload.get("choices") == []:
+                self.data_events -= 1
+                return None  # the usage chunk, which this client did not ask for
+        if self.strip_usage:
+            # Each chunk of a stream with include_usage carries "usage": null.
+            stripped = drop_member(event.data, "usage")
+            if stripped != event.data:
+                raw = event.raw.replace(event.data.encode("utf-8"), stripped.encode("utf-8"), 1)
+                return attrs.evolve(event, raw=raw, data=stripped)
+        return event
 
     def _json(self, payload: object) -> None:
         if not isinstance(payload, dict):
             return
-        usage = payload.get("usage")
-        if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int):
-            self.usage_tokens = usage["total_tokens"]
-            given = usage.get("prompt_tokens", usage.get("input_tokens"))
-            self.input_tokens = given if isinstance(given, int) else None
-            made = usage.get("completion_tokens", usage.get("output_tokens"))
-            self.output_tokens = made if isinstance(made, int) else None
+        self.usage = Usage.of(payload.get("usage")) or self.usage
         if payload.get("object") == "response" and isinstance(payload.get("id"), str):
             self.response_ids.append(payload["id"])
 

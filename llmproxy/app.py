@@ -25,7 +25,7 @@ from werkzeug.routing import RequestRedirect
 
 from llmproxy import errors
 from llmproxy.calls import ClientRequest
-from llmproxy.operations import Operations
+from llmproxy.operations import Caller, Operations
 from llmproxy.pipeline import Pipeline
 from llmproxy.responses import Responses
 from llmproxy.site import GatewayRequest, RequestSink, set_status
@@ -78,6 +78,11 @@ def _headers(request: GatewayRequest) -> dict[str, str]:
         k.decode("latin-1").lower(): v[0].decode("latin-1")
         for k, v in request.requestHeaders.getAllRawHeaders()
     }
+
+
+def _caller(request: GatewayRequest) -> Caller:
+    """Who asks for an operator's endpoint: their headers, and whether they are on this host."""
+    return Caller(_headers(request), local=request.direct_from_loopback())
 
 
 def _parse(request: GatewayRequest, path: str, body: bytes = b"") -> ClientRequest:
@@ -190,21 +195,21 @@ class Gateway:
 
     @route(app, "/admin/reload", ["POST"], "admin/reload", v1=False)
     async def admin_reload(self, request: GatewayRequest) -> bytes:
-        return _json(request, await self.operations.reload(_headers(request)))
+        return _json(request, await self.operations.reload(_caller(request)))
 
     @route(app, "/stats", ["GET"], "stats", v1=False)
     async def stats(self, request: GatewayRequest) -> bytes:
-        return _json(request, await self.operations.stats(_headers(request)))
+        return _json(request, await self.operations.stats(_caller(request)))
 
     @route(app, "/metrics", ["GET"], "metrics", v1=False)
     async def prometheus(self, request: GatewayRequest) -> bytes:
-        exposition = self.operations.exposition(_headers(request))
+        exposition = self.operations.exposition(_caller(request))
         request.setHeader("content-type", "text/plain; version=0.0.4; charset=utf-8")
         return exposition
 
     @route(app, "/cache", ["DELETE"], "cache", v1=False)
     async def purge_cache(self, request: GatewayRequest) -> bytes:
-        return _json(request, {"purged": await self.operations.purge(_headers(request))})
+        return _json(request, {"purged": await self.operations.purge(_caller(request))})
 
     # -- errors ----------------------------------------------------------------------
 

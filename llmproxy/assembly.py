@@ -204,10 +204,17 @@ class LiveGateway:
         responses = Responses(shared.affinity, auth, router, attempts)
         accountant = Accountant(shared.limiter, self.metrics)
         pipeline = Pipeline(
-            auth, shared.limiter, router, responses, self.cache, attempts, accountant
+            auth,
+            shared.limiter,
+            router,
+            responses,
+            self.cache,
+            attempts,
+            accountant,
+            config.routing.stream_usage,
         )
         process = Process(self.site, self.worker, self.redis, self.reload_fleet)
-        operations = Operations(router, self.cache, self.metrics, auth, process)
+        operations = Operations(router, self.cache, self.metrics, auth, process, shared.limiter)
         site = self.site
         site.resource = Gateway(pipeline, responses, operations).app.resource()
         site.max_body_bytes = config.server.max_body_bytes

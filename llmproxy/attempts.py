@@ -86,7 +86,7 @@ class Attempts:
         if last is None:
             raise errors.unavailable(f"No usable upstream for the model '{plan.model}'.")
         if last.kind is Kind.HTTP and last.status is not None:
-            pass_error(last, sink)
+            pass_error(last, sink, call)
             call.request.trace.error_code = _upstream_code(last)
             return None
         raise last.to_api_error()

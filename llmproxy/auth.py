@@ -31,6 +31,14 @@ class Principal:
 
 ANONYMOUS = Principal("anonymous")
 
+#: Why an operator's endpoint refuses a caller when no admin keys are configured.
+ADMIN_ONLY = (
+    "No admin keys are configured, so this endpoint answers only requests sent "
+    "straight to the proxy from its own host (loopback, not through a proxy). "
+    "Configure auth.admin_keys to call it from elsewhere with one of them, or "
+    "call the proxy's own address from its host."
+)
+
 
 def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()
@@ -49,6 +57,11 @@ class Authenticator:
     def __init__(self, auth: Auth) -> None:
         self._by_digest = {(k.key_sha256 or _digest(k.key or "")): k for k in auth.keys}
         self._admin = tuple(_digest(a) for a in auth.admin_keys)
+
+    @property
+    def keys(self) -> list[ApiKey]:
+        """The configured client keys, in config order."""
+        return list(self._by_digest.values())
 
     @property
     def open(self) -> bool:
@@ -70,10 +83,28 @@ class Authenticator:
         if not principal.allows(model):
             raise errors.forbidden(f"The key '{principal.name}' may not use the model '{model}'.")
 
-    def check_admin(self, token: str | None) -> None:
-        """Guard /stats, /metrics and DELETE /cache when admin keys are configured."""
-        if not self._admin:
+    def check_admin(self, token: str | None, *, local: bool) -> None:
+        """
+        Guard the operator's endpoints: /stats, /metrics, DELETE /cache and
+        /admin/reload (the probes, /health, /health/live and /health/ready,
+        are never guarded).
+
+        * With ``auth.admin_keys``: one of them, as the bearer ``token``, from
+          anywhere; without one, or with another, 401.
+        * With client keys (``auth.keys``) but no admin keys: only a caller
+          on the proxy's own host (``local``: straight from a loopback peer
+          and not forwarded, see
+          :meth:`~llmproxy.site.GatewayRequest.direct_from_loopback`); anyone
+          else, a request through nginx on this host included, 403
+          ``admin_key_required``.
+        * With neither: open, as the model endpoints are then (an open
+          proxy, whose default listen is loopback).
+        """
+        if self._admin:
+            digest = _digest(token) if token else ""
+            if not any(hmac.compare_digest(digest, a) for a in self._admin):
+                raise errors.unauthorized("This endpoint needs an admin key.")
             return
-        digest = _digest(token) if token else ""
-        if not any(hmac.compare_digest(digest, a) for a in self._admin):
-            raise errors.unauthorized("This endpoint needs an admin key.")
+        if self.open or local:
+            return
+        raise errors.forbidden(ADMIN_ONLY, code="admin_key_required")

@@ -1,6 +1,7 @@
 """
 Request bodies: parse and check the fields the proxy relies on, and rewrite
-``model`` / drop ``cache`` while keeping every other byte as the client sent it.
+``model`` / drop ``cache`` (and, for ``routing.stream_usage: force``, set
+``stream_options``) while keeping every other byte as the client sent it.
 
 Re-serialising the JSON would change number formats, key order and escapes;
 instead the top-level members are located in the original text and only the
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from array import array
+from collections.abc import Mapping
 from itertools import accumulate
 from typing import Any
 
@@ -117,23 +119,30 @@ def _members(text: str) -> list[tuple[str, int, int, int]]:
         i = end
 
 
-def rewrite_body(raw: bytes, model: str | None) -> bytes:
+def edit_members(
+    text: str,
+    replace: Mapping[str, str],
+    drop: frozenset[str] = frozenset(),
+    ensure: Mapping[str, str] | None = None,
+) -> str:
     """
-    ``raw`` (already validated as a JSON object) with every top-level ``model``
-    set to ``model`` and every ``cache`` member removed; nothing else changes.
+    The JSON object ``text`` (already validated) with the value of each member
+    named in ``replace`` or ``ensure`` set to the JSON text given, every member
+    named in ``drop`` removed (with the comma that joined it), and each
+    ``ensure`` member it lacked appended.  Every other byte stays as it was.
     """
-    text = raw.decode("utf-8")
     members = _members(text)
-    if not any(k in ("model", "cache") for k, *_ in members):
-        return raw
     out = []
     pos = 0
+    missing = dict(ensure or {})
+    replace = {**replace, **missing}
     for key, start, value_start, end in members:
-        if key == "model" and model is not None:
+        if key in replace:
+            missing.pop(key, None)
             out.append(text[pos:value_start])
-            out.append(json.dumps(model))
+            out.append(replace[key])
             pos = end
-        elif key == "cache":
+        elif key in drop:
             # Drop the member and the comma that joins it to its neighbour.
             before = text[pos:start].rstrip(_WS)
             if before.endswith(","):
@@ -146,6 +155,45 @@ def rewrite_body(raw: bytes, model: str | None) -> bytes:
                     rest += 1
                 if rest < len(text) and text[rest] == ",":
                     rest += 1
+                    while rest < len(text) and text[rest] in _WS:
+                        rest += 1
                 pos = rest
-    out.append(text[pos:])
-    return "".join(out).encode("utf-8")
+    closing = text.rindex("}")
+    out.append(text[pos:closing])
+    if missing:
+        added = ",".join(f"{json.dumps(k)}:{v}" for k, v in missing.items())
+        kept = "".join(out).rstrip(_WS)
+        out = [kept, "," if not kept.endswith("{") else "", added]
+    out.append(text[closing:])
+    return "".join(out)
+
+
+def drop_member(text: str, name: str) -> str:
+    """The JSON object ``text`` without its top-level ``name`` member (or as it was)."""
+    if f'"{name}"' not in text:
+        return text
+    try:
+        return edit_members(text, {}, frozenset({name}))
+    except (ValueError, IndexError, AssertionError):
+        return text  # not a JSON object: nothing of ours to edit
+
+
+def wants_usage(payload: Mapping[str, Any]) -> bool:
+    """Does a streamed request already ask for its usage (``stream_options.include_usage``)?"""
+    options = payload.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def rewrite_body(raw: bytes, model: str | None, options: Mapping[str, Any] | None = None) -> bytes:
+    """
+    ``raw`` (already validated as a JSON object) with every top-level ``model``
+    set to ``model``, every ``cache`` member removed and, when ``options`` is
+    given, ``stream_options`` set to it; nothing else changes.
+    """
+    if options is None and b'"model"' not in raw and b'"cache"' not in raw:
+        return raw
+    replace = {"model": json.dumps(model)} if model is not None else {}
+    ensure = None
+    if options is not None:
+        ensure = {"stream_options": json.dumps(options, separators=(",", ":"))}
+    return edit_members(raw.decode("utf-8"), replace, frozenset({"cache"}), ensure).encode("utf-8")

@@ -60,14 +60,24 @@ class ModelCall:
     controls: CacheControl
     #: The target that made ``previous_response_id``, which must serve this call.
     pinned: Target | None = None
+    #: A stream whose usage the proxy asks for (``routing.stream_usage: force``),
+    #: and takes out of what the client gets.
+    forced_usage: bool = False
 
     @property
     def endpoint(self) -> str:
         return self.request.endpoint
 
     def body_for(self, target: Target) -> bytes:
-        """The body as ``target`` gets it: its model name, no proxy-only ``cache`` field."""
-        return rewrite_body(self.request.body, target.model or None)
+        """
+        The body as ``target`` gets it: its model name, no proxy-only ``cache``
+        field, and ``stream_options.include_usage`` when the usage is forced.
+        """
+        options = None
+        if self.forced_usage:
+            given = self.payload.get("stream_options")
+            options = {**(given if isinstance(given, dict) else {}), "include_usage": True}
+        return rewrite_body(self.request.body, target.model or None, options)
 
 
 @attrs.frozen

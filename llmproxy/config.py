@@ -14,6 +14,7 @@ import difflib
 import os
 import re
 from collections.abc import Callable, Mapping
+from decimal import Decimal
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,6 +30,8 @@ CACHE_BACKENDS = ("memory", "redis", "off")
 CACHE_SCOPES = ("key", "shared")
 ACCESS_LOG_FORMATS = ("json", "text")
 RETRY_REASONS = ("connect", "timeout", "reset")
+STREAM_USAGE = ("pass", "force")
+BUDGET_PERIODS = ("day", "week", "month", "total")
 
 
 class ConfigError(Exception):
@@ -57,6 +60,39 @@ class Timeouts:
 
 
 @attrs.frozen
+class Price:
+    """
+    USD per million tokens of each kind.  Cached input is billed as input, and
+    reasoning as output, unless they have prices of their own.
+    """
+
+    input: float
+    output: float
+    cached_input: float | None = None
+    reasoning: float | None = None
+
+    def cost(self, input: int, cached_input: int, output: int, reasoning: int) -> Decimal:
+        """
+        The USD cost of these (disjoint) token counts, in decimal arithmetic:
+        exact for prices as written (``0.15`` is 0.15, not the nearest double).
+        """
+        cached = self.input if self.cached_input is None else self.cached_input
+        thinking = self.output if self.reasoning is None else self.reasoning
+        per_million = (
+            input * _exact(self.input)
+            + cached_input * _exact(cached)
+            + output * _exact(self.output)
+            + reasoning * _exact(thinking)
+        )
+        return per_million / 1_000_000
+
+
+def _exact(price: float) -> Decimal:
+    """A price as its shortest decimal text, the way it was written in the YAML."""
+    return Decimal(repr(price))
+
+
+@attrs.frozen
 class Upstream:
     name: str
     base_url: str
@@ -69,6 +105,8 @@ class Upstream:
     #: Seconds a request waits for one of the ``max_connections`` to come free; past
     #: it, the next target (or 503 ``overloaded``).  Not counted against the target.
     queue_timeout: float = 5.0
+    #: What its tokens cost, unless a target says otherwise.
+    price: Price | None = None
 
 
 @attrs.frozen
@@ -78,6 +116,8 @@ class Target:
     upstream: str
     model: str
     weight: int = 1
+    #: What its tokens cost: the target's own price, else its upstream's (None: unpriced).
+    price: Price | None = None
 
     @property
     def id(self) -> str:
@@ -113,6 +153,9 @@ class Routing:
     cooldown: Cooldown = Cooldown()
     health_checks: HealthChecks | None = None
     affinity_ttl: float = 7 * 24 * 3600.0
+    #: ``force``: ask chat streams for their usage (``stream_options.include_usage``)
+    #: and take the usage chunk out of what the client gets; ``pass``: leave them be.
+    stream_usage: str = "pass"
 
 
 @attrs.frozen
@@ -178,6 +221,14 @@ class Cache:
 
 
 @attrs.frozen
+class Budget:
+    """At most ``usd`` of spend per UTC ``period`` (day, week, month, or total)."""
+
+    usd: float
+    period: str = "month"
+
+
+@attrs.frozen
 class ApiKey:
     """A client key.  Exactly one of ``key`` / ``key_sha256`` is set."""
 
@@ -187,6 +238,14 @@ class ApiKey:
     models: frozenset[str] | None = None
     rpm: int | None = None
     tpm: int | None = None
+    budget: Budget | None = None
+    #: Requests of this key in flight at once, across the fleet (streams to their last byte).
+    max_parallel: int | None = None
+
+    @property
+    def rate_limited(self) -> bool:
+        """Has an ``rpm`` or ``tpm``, and so gets the ``x-ratelimit-*`` headers."""
+        return self.rpm is not None or self.tpm is not None
 
 
 @attrs.frozen
@@ -402,6 +461,7 @@ def _upstream(name: str, raw: object, path: str) -> Upstream:
             "timeouts",
             "keepalive_timeout",
             "queue_timeout",
+            "price",
         ),
     )
     headers_raw = s.get("headers", _open_section, None)
@@ -422,11 +482,23 @@ def _upstream(name: str, raw: object, path: str) -> Upstream:
         timeouts=s.get("timeouts", _timeouts, Timeouts()),
         keepalive_timeout=s.get("keepalive_timeout", _number(0), 30.0),
         queue_timeout=s.get("queue_timeout", _number(0), 5.0),
+        price=s.get("price", _price, None),
+    )
+
+
+def _price(raw: object, path: str) -> Price:
+    s = _Section(raw, path, ("input", "cached_input", "output", "reasoning"))
+    usd = _number(0)
+    return Price(
+        input=s.require("input", usd),
+        output=s.require("output", usd),
+        cached_input=s.get("cached_input", usd, None),
+        reasoning=s.get("reasoning", usd, None),
     )
 
 
 def _target(raw: object, path: str, public: str, upstreams: Mapping[str, Upstream]) -> Target:
-    s = _Section(raw, path, ("upstream", "model", "weight"))
+    s = _Section(raw, path, ("upstream", "model", "weight", "price"))
     upstream = s.require("upstream", _string)
     if upstream not in upstreams:
         hint = difflib.get_close_matches(upstream, list(upstreams), n=1)
@@ -436,6 +508,7 @@ def _target(raw: object, path: str, public: str, upstreams: Mapping[str, Upstrea
         upstream=upstream,
         model=s.get("model", _string, public),
         weight=s.get("weight", _integer(0), 1),
+        price=s.get("price", _price, None) or upstreams[upstream].price,
     )
 
 
@@ -495,7 +568,11 @@ def _health_checks(raw: object, path: str) -> HealthChecks:
 
 
 def _routing(raw: object, path: str) -> Routing:
-    s = _Section(raw, path, ("retries", "retry_on", "cooldown", "health_checks", "affinity_ttl"))
+    s = _Section(
+        raw,
+        path,
+        ("retries", "retry_on", "cooldown", "health_checks", "affinity_ttl", "stream_usage"),
+    )
     d = Routing()
     return Routing(
         retries=s.get("retries", _integer(0), d.retries),
@@ -503,6 +580,7 @@ def _routing(raw: object, path: str) -> Routing:
         cooldown=s.get("cooldown", _cooldown, d.cooldown),
         health_checks=s.get("health_checks", _health_checks, None),
         affinity_ttl=s.get("affinity_ttl", _number(0, allow_equal=False), d.affinity_ttl),
+        stream_usage=s.get("stream_usage", _choice(STREAM_USAGE), d.stream_usage),
     )
 
 
@@ -617,7 +695,11 @@ _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 def _api_key(raw: object, path: str, models: Mapping[str, Model]) -> ApiKey:
-    s = _Section(raw, path, ("name", "key", "key_sha256", "models", "rpm", "tpm"))
+    s = _Section(
+        raw,
+        path,
+        ("name", "key", "key_sha256", "models", "rpm", "tpm", "budget", "max_parallel"),
+    )
     name = s.require("name", _string)
     key = s.get("key", _string, None) or None
     digest = s.get("key_sha256", _string, None) or None
@@ -638,6 +720,16 @@ def _api_key(raw: object, path: str, models: Mapping[str, Model]) -> ApiKey:
         models=frozenset(allowed) if allowed is not None else None,
         rpm=s.get("rpm", _integer(1), None),
         tpm=s.get("tpm", _integer(1), None),
+        budget=s.get("budget", _budget, None),
+        max_parallel=s.get("max_parallel", _integer(1), None),
+    )
+
+
+def _budget(raw: object, path: str) -> Budget:
+    s = _Section(raw, path, ("usd", "period"))
+    return Budget(
+        usd=s.require("usd", _number(0, allow_equal=False)),
+        period=s.get("period", _choice(BUDGET_PERIODS), "month"),
     )
 
 

@@ -9,6 +9,7 @@ Nothing else (no traceback, no upstream key) ever reaches a client.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 
 import attrs
@@ -125,6 +126,29 @@ def rate_limited(message: str, retry_after: float) -> APIError:
         type="rate_limit_error",
         code="rate_limit_exceeded",
         headers={"Retry-After": str(seconds)},
+    )
+
+
+def insufficient_quota(message: str, retry_after: float | None) -> APIError:
+    """
+    A key at or over its budget: OpenAI's shape for an exhausted quota, with
+    ``Retry-After`` (whole seconds, rounded up) until the next period starts,
+    and none when the budget never resets.
+    """
+    headers = {} if retry_after is None else {"Retry-After": str(max(1, math.ceil(retry_after)))}
+    return APIError(
+        429, message, type="insufficient_quota", code="insufficient_quota", headers=headers
+    )
+
+
+def concurrency_limited(message: str, retry_after: float) -> APIError:
+    """A key with ``max_parallel`` requests already in flight."""
+    return APIError(
+        429,
+        message,
+        type="rate_limit_error",
+        code="concurrency_limit_exceeded",
+        headers={"Retry-After": str(max(1, math.ceil(retry_after)))},
     )
 
 

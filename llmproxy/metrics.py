@@ -21,12 +21,19 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from typing import Literal
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Literal
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client import Counter as PromCounter
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.samples import Sample
+
+if TYPE_CHECKING:
+    from llmproxy.answers import Usage
+
+#: The kinds of token a usage is split into (``llmproxy_tokens_total{kind}``).
+USAGE_KINDS = ("input", "cached_input", "output", "reasoning")
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 #: The proxy's own time is expected well under a millisecond to a few.
@@ -49,8 +56,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._requests = PromCounter(
             "llmproxy_requests",
-            "Client requests answered",
-            ["endpoint", "status"],
+            "Client requests answered (key and model are names; empty when not known)",
+            ["endpoint", "key", "model", "status"],
             registry=self.registry,
         )
         self._attempts = PromCounter(
@@ -66,12 +73,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self._tokens = PromCounter(
-            "llmproxy_tokens",
-            "Tokens reported by upstream usage",
-            ["model", "key"],
-            registry=self.registry,
-        )
+        self.accounts = Accounts(self.registry)
         self._duration = Histogram(
             "llmproxy_request_duration_seconds",
             "Client requests, from arrival to their last byte",
@@ -95,8 +97,10 @@ class Metrics:
         )
         self._collectors: list[Callable[[], None]] = []
 
-    def request(self, endpoint: str, status: int) -> None:
-        self._requests.labels(endpoint, str(status)).inc()
+    def request(
+        self, endpoint: str, status: int, key: str | None = None, model: str | None = None
+    ) -> None:
+        self._requests.labels(endpoint, key or "", model or "", str(status)).inc()
 
     def finished(
         self,
@@ -122,9 +126,11 @@ class Metrics:
         if ttfb is not None:
             self._ttfb.labels(upstream).observe(ttfb)
 
-    def tokens(self, model: str, key: str, count: int) -> None:
-        if count > 0:
-            self._tokens.labels(model, key).inc(count)
+    def usage(self, key: str, model: str, usage: Usage, cost: Decimal | None) -> None:
+        self.accounts.usage(key, model, usage, cost)
+
+    def saved(self, key: str, model: str, cost: Decimal) -> None:
+        self.accounts.saved(key, model, cost)
 
     def add_gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
         """Expose a live number (summed over a fleet's workers)."""
@@ -183,5 +189,106 @@ class Metrics:
             "requests": {"total": sum(by_status.values()), "by_status": dict(by_status)},
             "upstream_attempts": attempts,
             "ttfb_avg_seconds": ttfb_avg,
-            "tokens": int(sum(s.value for s in _samples(self._tokens, "_total"))),
+            "tokens": self.accounts.total_tokens(),
+            "keys": self.accounts.by_key(self._requests),
         }
+
+
+class Accounts:
+    """
+    What model calls used and cost, per key name and model: tokens by kind
+    (exact, and estimated apart), cost, and the cost cache hits saved.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._tokens = PromCounter(
+            "llmproxy_tokens",
+            "Tokens reported by upstream usage, by kind (disjoint: they add up to the total)",
+            ["key", "model", "kind"],
+            registry=registry,
+        )
+        self._estimated_tokens = PromCounter(
+            "llmproxy_estimated_tokens",
+            "Tokens the proxy estimated for answers that reported no usage",
+            ["key", "model", "kind"],
+            registry=registry,
+        )
+        self._cost = PromCounter(
+            "llmproxy_cost_usd",
+            "What the reported tokens cost, in USD, at the configured prices",
+            ["key", "model"],
+            registry=registry,
+        )
+        self._estimated_cost = PromCounter(
+            "llmproxy_estimated_cost_usd",
+            "What the estimated tokens cost, in USD, at the configured prices",
+            ["key", "model"],
+            registry=registry,
+        )
+        self._saved = PromCounter(
+            "llmproxy_saved_cost_usd",
+            "What cache hits would have cost, in USD, at the configured prices",
+            ["key", "model"],
+            registry=registry,
+        )
+
+    def usage(self, key: str, model: str, usage: Usage, cost: Decimal | None) -> None:
+        """A charged answer: its tokens by kind and their cost, exact and estimated apart."""
+        tokens = self._estimated_tokens if usage.estimated else self._tokens
+        for kind, count in usage.kinds().items():
+            if count > 0 or not usage.estimated:
+                tokens.labels(key, model, kind).inc(count)
+        if cost is not None:
+            (self._estimated_cost if usage.estimated else self._cost).labels(key, model).inc(
+                float(cost)
+            )
+
+    def saved(self, key: str, model: str, cost: Decimal) -> None:
+        """A cache hit, and what its answer would have cost."""
+        self._saved.labels(key, model).inc(float(cost))
+
+    def total_tokens(self) -> int:
+        """Every reported token (never an estimate)."""
+        return int(sum(s.value for s in _samples(self._tokens, "_total")))
+
+    def by_key(self, requests: PromCounter) -> dict[str, dict[str, dict[str, Any]]]:
+        """
+        Per key name and model: requests, tokens by kind (exact, and estimated
+        apart), cost and saved cost.  Only model calls (those with a model).
+        """
+        found: dict[str, dict[str, dict[str, Any]]] = {}
+
+        def row(labels: Mapping[str, str]) -> dict[str, Any] | None:
+            if not labels["model"]:
+                return None
+            models = found.setdefault(labels["key"], {})
+            if labels["model"] not in models:
+                models[labels["model"]] = {
+                    "requests": 0,
+                    "tokens": dict.fromkeys(USAGE_KINDS, 0),
+                    "estimated_tokens": {"input": 0, "output": 0},
+                    "cost_usd": 0.0,
+                    "estimated_cost_usd": 0.0,
+                    "saved_usd": 0.0,
+                }
+            return models[labels["model"]]
+
+        for sample in _samples(requests, "_total"):
+            if (r := row(sample.labels)) is not None:
+                r["requests"] += int(sample.value)
+        for family, field in (
+            (self._tokens, "tokens"),
+            (self._estimated_tokens, "estimated_tokens"),
+        ):
+            for sample in _samples(family, "_total"):
+                if (r := row(sample.labels)) is not None:
+                    r[field][sample.labels["kind"]] = int(sample.value)
+        for family, field in (
+            (self._cost, "cost_usd"),
+            (self._estimated_cost, "estimated_cost_usd"),
+            (self._saved, "saved_usd"),
+        ):
+            for sample in _samples(family, "_total"):
+                if (r := row(sample.labels)) is not None:
+                    r[field] = sample.value
+        return found

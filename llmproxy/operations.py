@@ -1,9 +1,17 @@
 """
 The operator's view of a running proxy: ``/health``, ``/health/live`` and
 ``/health/ready`` (open to all), and ``/stats``, ``/metrics``, the cache purge
-and ``/admin/reload``, guarded by the admin keys when there are any.  It reads
-the router, the cache and the metrics; it changes nothing but the cache it is
-asked to purge and, on reload, the configuration.
+and ``/admin/reload``, which are closed by default:
+
+* with ``auth.admin_keys``, they need one of them (401 without), from anywhere;
+* with client keys but no admin keys, they answer only callers on the proxy's
+  own host that are not forwarded (403 ``admin_key_required`` to anyone else,
+  nginx on the same host included);
+* with no keys at all (an open proxy), they are open, as the model endpoints are.
+
+See :meth:`~llmproxy.auth.Authenticator.check_admin`.  It reads the router,
+the cache and the metrics; it changes nothing but the cache it is asked to
+purge and, on reload, the configuration.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import attrs
 
 from llmproxy.auth import Authenticator, bearer_token
 from llmproxy.cache.store import ResponseCache
+from llmproxy.limits import Limiter
 from llmproxy.metrics import Metrics
 from llmproxy.redisclient import RedisUnavailable, SharedRedis
 from llmproxy.routing.breaker import BreakerState
@@ -30,6 +39,15 @@ class Worker:
 
     def as_json(self) -> dict[str, int]:
         return {"index": self.index, "pid": self.pid}
+
+
+@attrs.frozen
+class Caller:
+    """Who asks for an operator's endpoint."""
+
+    headers: Mapping[str, str]
+    #: Sent on the proxy's host, straight to it (not forwarded by a proxy).
+    local: bool
 
 
 @attrs.frozen
@@ -51,12 +69,14 @@ class Operations:
         metrics: Metrics,
         auth: Authenticator,
         process: Process,
+        limiter: Limiter,
     ) -> None:
         self.router = router
         self.cache = cache
         self.metrics = metrics
         self.auth = auth
         self.process = process
+        self.limiter = limiter
 
     async def health(self) -> tuple[bool, dict[str, object]]:
         """Whether any target is not cooling down (or none is configured), and every target."""
@@ -100,28 +120,38 @@ class Operations:
             payload["reasons"] = reasons
         return not reasons, payload
 
-    async def reload(self, headers: Mapping[str, str]) -> dict[str, object]:
-        """Re-read and apply the config file (admin only)."""
-        self.auth.check_admin(bearer_token(headers))
+    def _guard(self, caller: Caller) -> None:
+        """Refuse ``caller`` unless it may use the operator's endpoints."""
+        self.auth.check_admin(bearer_token(caller.headers), local=caller.local)
+
+    async def reload(self, caller: Caller) -> dict[str, object]:
+        """Re-read and apply the config file."""
+        self._guard(caller)
         return await self.process.reload()
 
-    async def stats(self, headers: Mapping[str, str]) -> dict[str, object]:
+    async def stats(self, caller: Caller) -> dict[str, object]:
         """The /stats document: requests, attempts, latency, tokens, cache and targets."""
-        self.auth.check_admin(bearer_token(headers))
+        self._guard(caller)
         payload = dict(self.metrics.snapshot())
         payload["worker"] = self.process.worker.as_json()
         payload["inflight"] = self.process.site.inflight.count
         payload["cache"] = self.cache.snapshot()
         await self.router.refresh()
         payload["targets"] = {name: t.as_json() for name, t in self.router.status().items()}
+        budgets = {}
+        for key in self.auth.keys:
+            state = await self.limiter.budget_state(key)
+            if state is not None:
+                budgets[key.name] = state
+        payload["budgets"] = budgets
         return payload
 
-    def exposition(self, headers: Mapping[str, str]) -> bytes:
+    def exposition(self, caller: Caller) -> bytes:
         """The Prometheus text exposition."""
-        self.auth.check_admin(bearer_token(headers))
+        self._guard(caller)
         return self.metrics.exposition()
 
-    async def purge(self, headers: Mapping[str, str]) -> int:
+    async def purge(self, caller: Caller) -> int:
         """Empty this namespace's cache; how many entries went."""
-        self.auth.check_admin(bearer_token(headers))
+        self._guard(caller)
         return await self.cache.purge()

@@ -28,6 +28,7 @@ which the live client still gets), so a replay is the answer's events alone.
 from __future__ import annotations
 
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Protocol
 
 import attrs
@@ -43,15 +44,19 @@ from llmproxy.calls import ClientRequest
 from llmproxy.config import Target
 from llmproxy.failures import Kind, UpstreamFailure
 from llmproxy.routing.affinity import AffinityStore, Pin
-from llmproxy.sink import ClientSink
+from llmproxy.sink import COST_HEADER, ClientSink
 from llmproxy.sse import Event, SSEParser
-from llmproxy.upstream.exchange import Exchange
+from llmproxy.upstream.exchange import Exchange, rate_limit_headers
 
 SSE_HEADERS = {
     "content-type": "text/event-stream; charset=utf-8",
     "cache-control": "no-cache",
     "x-accel-buffering": "no",
 }
+
+#: Costs are given to 10^-12 USD: exact for any price with up to six decimals per
+#: million tokens.
+_QUANTUM = Decimal("0.000000000001")
 
 #: What a stream's client gets while its upstream is silent: an SSE comment.
 KEEPALIVE = b": keep-alive\n\n"
@@ -154,10 +159,14 @@ class Relay:
         record: bool,
     ) -> Relayed:
         """A whole body, already read."""
+        inspector.price = exchange.target.price
         inspector.body(data)
         # Remembered before the client can see the id and ask about it.
         await self._remember(call, inspector, exchange.target)
-        headers = exchange.client_headers()
+        headers = _passed_headers(call, exchange.client_headers())
+        cost = inspector.usage.cost(inspector.price) if inspector.usage is not None else None
+        if cost is not None:
+            headers[COST_HEADER] = usd(cost)
         inspector.answered = True
         sink.start(exchange.status, headers)
         sink.write(data)
@@ -168,9 +177,10 @@ class Relay:
         if len(data) > self.max_record:
             return Relayed(skipped=Uncacheable.TOO_LARGE)
         content_type = headers.get("content-type", "application/json")
+        target = exchange.target
         return Relayed(
             entry=Entry(
-                200, content_type, data, False, exchange.target.upstream, exchange.target.model
+                200, content_type, data, False, target.upstream, target.model, _kept(inspector)
             )
         )
 
@@ -187,10 +197,12 @@ class Relay:
         remembering: list[Deferred[None]] = []
         keepalive = KeepAlive(self.reactor, self.keepalive, sink)
 
-        def on_event(event: Event) -> None:
-            inspector.event(event)
+        def on_event(upstream_event: Event) -> None:
+            event = inspector.event(upstream_event)
             if inspector.response_ids:
                 remembering.append(self._remember_soon(call, inspector, exchange.target))
+            if event is None:
+                return  # nothing of it is the client's
             if recording is not None and inspector.uncacheable is None and not event.is_comment:
                 recording.add(event.raw)
             sink.write(event.raw)
@@ -199,8 +211,10 @@ class Relay:
             else:
                 keepalive.stop()  # the answer is whole: nothing more to keep alive
 
+        inspector.price = exchange.target.price
         inspector.answered = True
-        sink.start(exchange.status, SSE_HEADERS)
+        headers = _passed_headers(call, rate_limit_headers(exchange.headers))
+        sink.start(exchange.status, {**SSE_HEADERS, **headers})
         broke = await self._pump(exchange, sink, on_event, keepalive)
         for pending in remembering:
             await pending
@@ -217,22 +231,7 @@ class Relay:
             return Relayed(broke=broke)
         if recording is None:
             return Relayed()
-        skipped = inspector.uncacheable or (Uncacheable.TOO_LARGE if recording.too_large else None)
-        if skipped is None and sink.gone:
-            skipped = Uncacheable.CLIENT_GONE
-        if skipped is None and not inspector.complete:
-            skipped = Uncacheable.INCOMPLETE
-        if skipped is not None:
-            return Relayed(skipped=skipped)
-        entry = Entry(
-            200,
-            SSE_HEADERS["content-type"],
-            recording.body(),
-            True,
-            exchange.target.upstream,
-            exchange.target.model,
-        )
-        return Relayed(entry=entry)
+        return _recorded(recording, inspector, sink, exchange.target)
 
     async def _pump(
         self,
@@ -272,7 +271,47 @@ class Relay:
             await self.affinity.remember(response_id, Pin(target, call.principal.name))
 
 
-def pass_error(failure: UpstreamFailure, sink: ClientSink) -> None:
+def _recorded(
+    recording: Recording, inspector: Inspector, sink: ClientSink, target: Target
+) -> Relayed:
+    """What to store of a stream that ended cleanly, or why nothing."""
+    skipped = inspector.uncacheable or (Uncacheable.TOO_LARGE if recording.too_large else None)
+    if skipped is None and sink.gone:
+        skipped = Uncacheable.CLIENT_GONE
+    if skipped is None and not inspector.complete:
+        skipped = Uncacheable.INCOMPLETE
+    if skipped is not None:
+        return Relayed(skipped=skipped)
+    body = recording.body()
+    content_type = SSE_HEADERS["content-type"]
+    return Relayed(
+        entry=Entry(200, content_type, body, True, target.upstream, target.model, _kept(inspector))
+    )
+
+
+def usd(cost: Decimal) -> str:
+    """A cost as plain decimal dollars (``0.000185``), never in exponent form."""
+    text = format(cost.quantize(_QUANTUM), "f").rstrip("0").rstrip(".")
+    return text or "0"
+
+
+def _kept(inspector: Inspector) -> tuple[int, int, int, int] | None:
+    """What an entry keeps of the answer's usage (an exact one only)."""
+    return inspector.usage.counts() if inspector.usage is not None else None
+
+
+def _passed_headers(call: Relayable, headers: dict[str, str]) -> dict[str, str]:
+    """
+    The upstream's headers, less its ``x-ratelimit-*`` when the caller's key has
+    limits of its own: those headers are the proxy's (set at admission).
+    """
+    key = call.principal.key
+    if key is not None and key.rate_limited:
+        return {k: v for k, v in headers.items() if not k.startswith("x-ratelimit-")}
+    return headers
+
+
+def pass_error(failure: UpstreamFailure, sink: ClientSink, caller: Relayable) -> None:
     """
     The last upstream HTTP error goes to the client with its status and, when
     it is an OpenAI-shaped JSON error, its body as it came (redacted).
@@ -286,6 +325,7 @@ def pass_error(failure: UpstreamFailure, sink: ClientSink) -> None:
             value = failure.headers.getRawHeaders(name)
             if value:
                 headers[name] = value[0]
+        headers.update(_passed_headers(caller, rate_limit_headers(failure.headers)))
     body = failure.body
     if not isinstance(error_of(body), dict | str):
         body = errors.APIError(

@@ -7,17 +7,21 @@ The record is built from what the request noted on its way (its
 ``x-llmproxy-*`` headers it was answered with) and the clock.  It is written
 after the last byte, so a stream's ``duration_ms`` is its true length.  A
 client that left before the end is logged as nginx does: status 499,
-``error_code: "client_closed"``.  A record holds names, never a secret: the
+``error_code: "client_closed"``.  Tokens are given by kind (as
+:class:`~llmproxy.answers.Usage` splits them), with ``tokens_estimated``
+true when the answer reported none and the proxy counted.  A record holds names, never a secret: the
 key's name, the request's path without its query string.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Protocol
 
 from llmproxy.metrics import Metrics
 from llmproxy.site import GatewayRequest
+from llmproxy.trace import Trace
 
 
 class RecordSink(Protocol):
@@ -33,6 +37,22 @@ def _ms(seconds: float | None) -> float | None:
 def _header(request: GatewayRequest, name: str) -> str | None:
     found = request.responseHeaders.getRawHeaders(name)
     return found[0] if found else None
+
+
+def _usd(amount: Decimal | None) -> float | None:
+    return None if amount is None else float(amount)
+
+
+def _usage(trace: Trace) -> dict[str, object]:
+    """The tokens by kind (exact, or ``tokens_estimated``), their cost, and a hit's saving."""
+    usage = trace.usage
+    found: dict[str, object] = {
+        f"{kind}_tokens": count for kind, count in (usage.kinds() if usage else {}).items()
+    }
+    found["tokens_estimated"] = usage.estimated if usage is not None else None
+    found["cost_usd"] = _usd(trace.cost)
+    found["saved_usd"] = _usd(trace.saved)
+    return found
 
 
 def record(request: GatewayRequest, lost: bool, now: float) -> dict[str, object]:
@@ -64,8 +84,7 @@ def record(request: GatewayRequest, lost: bool, now: float) -> dict[str, object]
         "duration_ms": _ms(now - trace.started),
         "upstream_ttfb_ms": _ms(trace.upstream_ttfb),
         "overhead_ms": _ms(trace.overhead(first)),
-        "input_tokens": trace.input_tokens,
-        "output_tokens": trace.output_tokens,
+        **_usage(trace),
         "bytes_in": request.bytes_in,
         "bytes_out": request.bytes_out,
     }
@@ -82,7 +101,7 @@ class RequestLog:
         now = request.now()
         trace = request.trace
         status = 499 if lost else request.code
-        self.metrics.request(request.endpoint, status)
+        self.metrics.request(request.endpoint, status, trace.key, trace.model)
         first = trace.first_byte if trace.first_byte is not None else now
         overhead = None
         if trace.model is not None and not lost:

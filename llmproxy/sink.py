@@ -12,6 +12,10 @@ from typing import Protocol
 
 from twisted.internet.interfaces import IPushProducer
 
+#: The cost of a non-streamed answer, in USD, when its target has a price: the
+#: request that made the upstream call's alone (a flight's other clients paid nothing).
+COST_HEADER = "x-llmproxy-cost-usd"
+
 
 class ClientSink(Protocol):
     @property

@@ -44,7 +44,7 @@ from http import HTTPStatus
 from typing import Any, Protocol
 from urllib.parse import unquote_to_bytes
 
-from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.python.failure import Failure
@@ -375,6 +375,45 @@ class GatewayRequest(Request):
             cls = IPv6Address if ip.version == 6 else IPv4Address
             return cls("TCP", str(ip), 0)
         return peer
+
+    #: Headers a proxy adds to what it passes on (nginx's shipped config sets the first four).
+    FORWARDING_HEADERS = (
+        b"x-forwarded-for",
+        b"x-real-ip",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"forwarded",
+        b"via",
+    )
+
+    def direct_from_loopback(self) -> bool:
+        """
+        Whether this request was sent on this host, straight to the proxy: its
+        connection's own peer (not the X-Forwarded-For client) is a loopback
+        address (127.0.0.0/8, ``::1``, ``::ffff:127.x.x.x``) or a UNIX socket's,
+        and it carries none of :attr:`FORWARDING_HEADERS`.
+
+        Any of those headers counts, from any peer, trusted proxy or not
+        (unlike :meth:`getClientAddress`, which ignores an untrusted peer's
+        X-Forwarded-For): a proxy on this host that is missing from
+        ``server.trusted_proxies`` still passes on other hosts' requests, and
+        its loopback peer must not vouch for them.  A proxy that adds none of
+        them is indistinguishable from a local caller.
+        """
+        if any(self.requestHeaders.hasHeader(name) for name in self.FORWARDING_HEADERS):
+            return False
+        peer = super().getClientAddress()
+        if isinstance(peer, UNIXAddress):
+            return True
+        if not isinstance(peer, IPv4Address | IPv6Address):
+            return False
+        try:
+            ip = ipaddress.ip_address(peer.host)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped.is_loopback
+        return ip.is_loopback
 
 
 class GatewaySite(Site):

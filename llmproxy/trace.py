@@ -4,14 +4,20 @@ record, its histograms and its ``x-llmproxy-overhead-ms`` header.
 
 The site starts a :class:`Trace` when a request arrives; the pipeline, the
 failover loop and the accountant note the model, the key, the attempts, the
-time spent waiting on upstreams and the tokens; the site reads it back when
+time spent waiting on upstreams, the tokens and their cost; the site reads it back when
 the request is over.  It only ever holds names, numbers and error codes:
 never a key, a header value or a body.
 """
 
 from __future__ import annotations
 
+from decimal import Decimal
+from typing import TYPE_CHECKING
+
 import attrs
+
+if TYPE_CHECKING:
+    from llmproxy.answers import Usage
 
 
 @attrs.define
@@ -29,8 +35,12 @@ class Trace:
     upstream_wait: float = 0.0
     #: When the wait under way began, if one is.
     waiting_since: float | None = None
-    input_tokens: int | None = None
-    output_tokens: int | None = None
+    #: The tokens its answer used (reported, or estimated), once charged.
+    usage: Usage | None = None
+    #: What they cost, when the target that answered has a price.
+    cost: Decimal | None = None
+    #: What a cache hit would have cost (its answer's usage at today's price).
+    saved: Decimal | None = None
     #: The error code the client got (ours, or the upstream's), if any.
     error_code: str | None = None
     #: When the client's first byte (its headers) went out.

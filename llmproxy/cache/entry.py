@@ -47,6 +47,9 @@ class Entry:
     upstream: str
     #: The upstream's model name (entries stored before it was kept have none).
     model: str | None = None
+    #: The tokens the answer reported (input, cached input, output, reasoning),
+    #: kept for the cost a hit saves: a stream's usage chunk may not be in the body.
+    usage: tuple[int, int, int, int] | None = None
 
     def encode(self) -> bytes:
         head = {
@@ -56,6 +59,7 @@ class Entry:
             "stream": self.stream,
             "upstream": self.upstream,
             "model": self.model,
+            "usage": self.usage,
         }
         return json.dumps(head).encode() + b"\n" + self.body
 
@@ -71,15 +75,18 @@ class Entry:
             return None
         status, content_type = head.get("status"), head.get("content_type")
         stream, upstream, model = head.get("stream"), head.get("upstream"), head.get("model")
+        usage = head.get("usage")
         if (
             type(status) is not int
             or not isinstance(content_type, str)
             or not isinstance(stream, bool)
             or not isinstance(upstream, str)
             or not (model is None or isinstance(model, str))
+            or not (usage is None or _counts(usage))
         ):
             return None
-        entry = cls(status, content_type, body, stream, upstream, model)
+        counts = (usage[0], usage[1], usage[2], usage[3]) if usage is not None else None
+        entry = cls(status, content_type, body, stream, upstream, model, counts)
         return entry if entry.valid() else None
 
     def valid(self) -> bool:
@@ -96,6 +103,15 @@ class Entry:
             return False
         last = events[-1]
         return last.is_done or (last.event == _FINISHED and bool(last.data))
+
+
+def _counts(value: object) -> bool:
+    """Four non-negative integers: a usage as an entry keeps it."""
+    return (
+        isinstance(value, list)
+        and len(value) == 4
+        and all(type(v) is int and v >= 0 for v in value)
+    )
 
 
 def _header_value(value: str) -> bool:

@@ -29,7 +29,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from llmproxy.sink import DroppableSink
+from llmproxy.sink import COST_HEADER, DroppableSink
 
 
 @implementer(IPushProducer)
@@ -74,6 +74,8 @@ class Flight:
         self.task: Deferred[Any] | None = None
         self.finished = False
         self.result: Failure | None = None
+        #: The client whose request makes the upstream call (the first to follow).
+        self.leader: DroppableSink | None = None
 
     # -- clients -------------------------------------------------------------------
 
@@ -81,8 +83,10 @@ class Flight:
         """Attach a client; fires when the flight's answer has been fully written."""
         follower = _Follower(self, sink)
         self.followers.append(follower)
+        if self.leader is None:
+            self.leader = sink
         if self.status is not None:
-            sink.start(self.status, self.headers)
+            sink.start(self.status, self._headers_for(sink))
             for chunk in self.sent:
                 sink.write(chunk)
         if self.upstream is not None:
@@ -164,7 +168,13 @@ class Flight:
         self.status = status
         self.headers.update(headers)
         for follower in self.followers:
-            follower.sink.start(status, self.headers)
+            follower.sink.start(status, self._headers_for(follower.sink))
+
+    def _headers_for(self, sink: DroppableSink) -> Mapping[str, str]:
+        """The answer's headers, less the leader's cost for everyone else."""
+        if sink is self.leader or COST_HEADER not in self.headers:
+            return self.headers
+        return {k: v for k, v in self.headers.items() if k != COST_HEADER}
 
     def write(self, data: bytes) -> None:
         if self.joinable:

@@ -37,6 +37,11 @@ from a ``mock`` object in the request body (that request only)::
     reset                   read the request, then reset the connection (RST), no answer
     idle_close              close this connection after this many idle seconds once the
                             answer is over (a keep-alive timeout, as servers and LBs have)
+    usage                   members that replace those of the reported usage (e.g.
+                            ``prompt_tokens_details: {cached_tokens: 32}``)
+    no_usage                report no usage at all (a non-streamed answer without it)
+    spaced                  write stream events' JSON with spaces (``"usage": {``), as
+                            some servers do
 
 What it saw is at ``GET /_mock/requests``; counters (requests, streams,
 disconnects, pauses, resets, bytes) at ``GET /_mock/stats``; ``POST /_mock/release``
@@ -102,6 +107,23 @@ def _last_user_text(body: JSONDict) -> str:
                 texts.append(str(item))
         return " ".join(texts)
     return str(value)
+
+
+def _reported(usage: JSONDict, knobs: JSONDict) -> JSONDict | None:
+    """The usage as the knobs make the mock report it."""
+    if knobs.get("no_usage"):
+        return None
+    return {**usage, **(knobs.get("usage") or {})}
+
+
+def _spaced(event: bytes) -> bytes:
+    """An event with its JSON data written with spaces after ``:`` and ``,``."""
+    lines = []
+    for line in event.split(b"\n"):
+        if line.startswith(b"data: ") and line[6:7] in (b"{", b"["):
+            line = b"data: " + json.dumps(json.loads(line[6:])).encode()
+        lines.append(line)
+    return b"\n".join(lines)
 
 
 def _sse(data: JSONDict | str, event: str | None = None) -> bytes:
@@ -441,6 +463,8 @@ class MockUpstream:
             request.setHeader(key, str(value))
         self.stats["streams"] += 1
         self.stats["active_streams"] += 1
+        if knobs.get("spaced"):
+            events = [_spaced(e) for e in events]
         return _EventStream(self, request, events, knobs).start()
 
     def _reset(self, request: IRequest) -> Deferred[None]:
@@ -488,11 +512,14 @@ class MockUpstream:
         prompt_tokens = _tokens(_last_user_text(body))
         cid, created = _new_id("chatcmpl"), int(self.reactor.seconds())
         if not body.get("stream"):
-            usage = {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": _tokens(text),
-                "total_tokens": prompt_tokens + _tokens(text),
-            }
+            usage = _reported(
+                {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": _tokens(text),
+                    "total_tokens": prompt_tokens + _tokens(text),
+                },
+                knobs,
+            )
             payload = {
                 "id": cid,
                 "object": "chat.completion",
@@ -509,6 +536,8 @@ class MockUpstream:
                 ],
                 "usage": usage,
             }
+            if usage is None:
+                del payload["usage"]
             return self._json(request, 200, payload, knobs)
 
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -543,11 +572,14 @@ class MockUpstream:
                         "model": model,
                         "system_fingerprint": None,
                         "choices": [],
-                        "usage": {
-                            "prompt_tokens": prompt_tokens,
-                            "completion_tokens": completion_tokens,
-                            "total_tokens": prompt_tokens + completion_tokens,
-                        },
+                        "usage": _reported(
+                            {
+                                "prompt_tokens": prompt_tokens,
+                                "completion_tokens": completion_tokens,
+                                "total_tokens": prompt_tokens + completion_tokens,
+                            },
+                            knobs,
+                        ),
                     }
                 )
             )
@@ -674,6 +706,7 @@ class MockUpstream:
             return self._json(request, 404, _not_found_response(previous), {})
         text = self._reply_text(body, knobs)
         response = self._response_object(body, text, "completed")
+        response["usage"] = _reported(response["usage"], knobs)
         message = {
             "id": _new_id("msg"),
             "type": "message",

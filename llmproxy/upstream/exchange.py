@@ -49,6 +49,19 @@ from llmproxy.sse import Event, SSEParser
 # Content-Encoding after treq decoded the body, hop-by-hop, organisation ids) stay.
 RESPONSE_HEADERS = ("content-type", "retry-after", "retry-after-ms", "openai-processing-ms")
 
+#: The upstream's own rate-limit headers (OpenAI's ``x-ratelimit-limit-requests``...).
+RATE_LIMIT_PREFIX = b"x-ratelimit-"
+
+
+def rate_limit_headers(headers: Headers) -> dict[str, str]:
+    """The upstream's ``x-ratelimit-*`` headers, first values."""
+    return {
+        name.decode("latin-1").lower(): values[0].decode("latin-1")
+        for name, values in headers.getAllRawHeaders()
+        if name.lower().startswith(RATE_LIMIT_PREFIX) and values
+    }
+
+
 #: The default bound of a body read whole (``server.max_response_bytes``).
 MAX_BODY = 64 * 1024 * 1024
 
@@ -252,12 +265,13 @@ class Exchange:
         return self.body_stream
 
     def client_headers(self) -> dict[str, str]:
-        """The upstream's headers that a client gets."""
+        """The upstream's headers that a client gets (its ``x-ratelimit-*`` too)."""
         found = {}
         for name in RESPONSE_HEADERS:
             value = self.headers.getRawHeaders(name)
             if value:
                 found[name] = value[0]
+        found.update(rate_limit_headers(self.headers))
         return found
 
     async def read(self) -> bytes:

@@ -107,7 +107,10 @@ def test_past_max_inflight_the_excess_is_refused_at_once(
         for path in ("/health", "/health/live", "/stats", "/metrics"):
             assert ask(proxy, "GET", path)[0] == 200, path
         metrics = ask(proxy, "GET", "/metrics")[2].decode()
-        assert 'llmproxy_requests_total{endpoint="overloaded",status="503"} 3.0' in metrics
+        assert (
+            'llmproxy_requests_total{endpoint="overloaded",key="",model="",status="503"} 3.0'
+            in metrics
+        )
     # Once they are gone, requests are admitted again.
     wait_for(lambda: json.loads(ask(proxy, "GET", "/stats")[2])["inflight"] == 1, what="drained")
     assert ask(proxy, "POST", "/v1/chat/completions", chat("admitted"))[0] == 200

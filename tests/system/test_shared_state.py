@@ -133,10 +133,10 @@ LIMIT_EVENTS = [
 
 async def limit_outcome(limiter: Limiter, event: str) -> str:
     if event.startswith("charge"):
-        await limiter.charge_tokens(KEY, int(event.split()[1]))
+        await limiter.charge(KEY, int(event.split()[1]), None)
         return "charged"
     try:
-        await limiter.check(KEY)
+        (await limiter.admit(KEY)).release()
     except APIError as refused:
         return f"{refused.status} retry-after={refused.headers['Retry-After']} {refused.message}"
     return "admitted"

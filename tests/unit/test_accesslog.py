@@ -61,7 +61,12 @@ def record(**fields: object) -> dict[str, object]:
         "upstream_ttfb_ms": 110.0,
         "overhead_ms": 3.5,
         "input_tokens": 12,
+        "cached_input_tokens": 4,
         "output_tokens": 30,
+        "reasoning_tokens": 6,
+        "tokens_estimated": False,
+        "cost_usd": 0.000123,
+        "saved_usd": None,
         "bytes_in": 345,
         "bytes_out": 6789,
     }

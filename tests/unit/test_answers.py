@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from decimal import Decimal
+
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from llmproxy.answers import Inspector, is_event_stream, worth_storing
+from llmproxy.answers import Inspector, Usage, is_event_stream, worth_storing
 from llmproxy.cache.entry import Uncacheable
+from llmproxy.config import Price
 from llmproxy.sse import parse_event
 
 
@@ -14,19 +18,108 @@ class InspectorTests(SynchronousTestCase):
     def test_usage_is_read_from_the_end_of_an_answer(self) -> None:
         inspector = Inspector("embeddings")
         inspector.body(
-            b'{"data": [{"embedding": "x"}], "note": "say \\"total_tokens\\": 999",'
+            b'{"data": [{"embedding": "x"}], "note": "say \\"usage\\": {\\"prompt_tokens\\": 9}",'
             b' "usage": {"prompt_tokens": 7, "total_tokens": 7}}'
         )
-        assert inspector.usage_tokens == 7
+        assert inspector.usage == Usage(input=7)
 
     def test_streamed_usage_and_the_terminator(self) -> None:
         inspector = Inspector("chat/completions")
         inspector.event(parse_event(b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'))
-        inspector.event(parse_event(b'data: {"choices":[],"usage":{"total_tokens":12}}\n\n'))
+        usage = b'{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}'
+        inspector.event(parse_event(b'data: {"choices":[],"usage":' + usage + b"}\n\n"))
         assert not inspector.complete
         inspector.event(parse_event(b"data: [DONE]\n\n"))
-        assert inspector.usage_tokens == 12 and inspector.data_events == 2
+        assert inspector.usage == Usage(5, 0, 7, 0) and inspector.data_events == 2
         assert inspector.complete and inspector.uncacheable is None
+
+
+class UsageTests(SynchronousTestCase):
+    CHAT = {
+        "prompt_tokens": 1200,
+        "completion_tokens": 300,
+        "total_tokens": 1500,
+        "prompt_tokens_details": {"cached_tokens": 1024, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 256, "audio_tokens": 0},
+    }
+    RESPONSES = {
+        "input_tokens": 1200,
+        "input_tokens_details": {"cached_tokens": 1024},
+        "output_tokens": 300,
+        "output_tokens_details": {"reasoning_tokens": 256},
+        "total_tokens": 1500,
+    }
+
+    def test_kinds_are_disjoint_and_add_up_to_the_total(self) -> None:
+        for usage in (self.CHAT, self.RESPONSES):
+            found = Usage.of(usage)
+            assert found == Usage(input=176, cached_input=1024, output=44, reasoning=256)
+            assert found is not None and found.total == 1500 and not found.estimated
+
+    def test_whitespace_never_matters(self) -> None:
+        compact = json.dumps({"choices": [], "usage": self.CHAT}, separators=(",", ":"))
+        spaced = json.dumps({"choices": [], "usage": self.CHAT}, indent=2)
+        for text in (compact, spaced, spaced.replace(": ", " :\t")):
+            whole = Inspector("chat/completions")
+            whole.body(text.encode())
+            streamed = Inspector("chat/completions")
+            streamed.event(parse_event(b"data: " + text.replace("\n", "").encode() + b"\n\n"))
+            assert whole.usage == streamed.usage == Usage(176, 1024, 44, 256), text
+
+    def test_responses_usage_comes_from_its_completed_event(self) -> None:
+        inspector = Inspector("responses")
+        done = {"type": "response.completed", "response": {"id": "r", "usage": self.RESPONSES}}
+        event = b"event: response.completed\ndata: " + json.dumps(done).encode() + b"\n\n"
+        inspector.event(parse_event(event))
+        assert inspector.usage == Usage(176, 1024, 44, 256)
+
+    def test_nonsense_is_no_usage_and_never_negative(self) -> None:
+        assert Usage.of({"total_tokens": 12}) is None
+        assert Usage.of(None) is None and Usage.of([1]) is None
+        odd = {
+            "prompt_tokens": 5,
+            "completion_tokens": True,
+            "prompt_tokens_details": {"cached_tokens": 9},
+        }
+        assert Usage.of(odd) == Usage(input=0, cached_input=5)
+
+    def test_cost_bills_each_kind_and_reasoning_as_output(self) -> None:
+        usage = Usage(input=176, cached_input=1024, output=44, reasoning=256)
+        price = Price(input=2.5, output=10, cached_input=1.25)
+        expected = (Decimal(176) * Decimal("2.5") + 1024 * Decimal("1.25") + 300 * 10) / 10**6
+        assert usage.cost(price) == expected == Decimal("0.00472")
+        assert (
+            usage.cost(Price(input=2.5, output=10, reasoning=20))
+            == (Decimal(1200) * Decimal("2.5") + 44 * 10 + 256 * 20) / 10**6
+        )
+        assert usage.cost(None) is None
+
+
+class StripUsageTests(SynchronousTestCase):
+    """A forced usage is taken out of the stream: the chunk, and every ``"usage": null``."""
+
+    def test_the_client_gets_the_stream_it_asked_for(self) -> None:
+        asked = [
+            b'data: {"id":"c","choices":[{"delta":{"content":"hi"}}]}\n\n',
+            b'data: {"id":"c","choices":[{"delta":{},"finish_reason":"stop"}]}\n\n',
+            b"data: [DONE]\n\n",
+        ]
+        forced = [
+            b'data: {"id":"c","choices":[{"delta":{"content":"hi"}}],"usage":null}\n\n',
+            b'data: {"id":"c","choices":[{"delta":{},"finish_reason":"stop"}],"usage": null}\n\n',
+            b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n',
+            b"data: [DONE]\n\n",
+        ]
+        inspector = Inspector("chat/completions", strip_usage=True)
+        relayed = [e.raw for raw in forced if (e := inspector.event(parse_event(raw))) is not None]
+        assert relayed == asked
+        assert inspector.usage == Usage(3, 0, 2, 0) and inspector.data_events == 2
+
+    def test_without_forcing_nothing_changes(self) -> None:
+        inspector = Inspector("chat/completions")
+        raw = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n'
+        event = inspector.event(parse_event(raw))
+        assert event is not None and event.raw == raw and inspector.usage == Usage(3, 0, 2, 0)
 
     def test_response_ids_are_taken_once(self) -> None:
         inspector = Inspector("responses")

@@ -282,7 +282,8 @@ class LocalEndpointTests(SynchronousTestCase):
         metrics = h.request("GET", "/metrics")
         assert (metrics.header("content-type") or "").startswith("text/plain")
         assert (
-            b'llmproxy_requests_total{endpoint="chat/completions",status="200"} 1.0' in metrics.body
+            b'llmproxy_requests_total{endpoint="chat/completions",key="anonymous",model="m1",'
+            b'status="200"} 1.0' in metrics.body
         )
         assert b'llmproxy_target_available{target="a/upstream-m1"} 1.0' in metrics.body
         assert b'llmproxy_cache_events{name="stores"} 1.0' in metrics.body

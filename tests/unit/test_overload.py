@@ -123,7 +123,10 @@ class MaxInflightTests(SynchronousTestCase):
         assert_overloaded(h.request("POST", "/v1/chat/completions", chat("second")))
         assert len(h.seen()) == 1
         exposition = h.gateway.metrics.exposition()
-        assert b'llmproxy_requests_total{endpoint="overloaded",status="503"} 1.0' in exposition
+        assert (
+            b'llmproxy_requests_total{endpoint="overloaded",key="",model="",status="503"} 1.0'
+            in exposition
+        )
         h.tick(5)
         assert h.finish(first).code == 200
         assert h.request("POST", "/v1/chat/completions", chat("third")).code == 200
