@@ -120,7 +120,7 @@ def _spaced(event: bytes) -> bytes:
     """An event with its JSON data written with spaces after ``:`` and ``,``."""
     lines = []
     for line in event.split(b"\n"):
-        if line.startswith(b"data: ") and line[6:7] in (b"{", b"["):
+        if line.startswith(b"data: ") and line[6:7] == b"{":
             line = b"data: " + json.dumps(json.loads(line[6:])).encode()
         lines.append(line)
     return b"\n".join(lines)
