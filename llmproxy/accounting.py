@@ -11,7 +11,8 @@ streaming; the estimate is marked ``estimated`` wherever it is reported and
 counted apart from the exact numbers.  A call that was refused generated
 nothing and costs nothing; one the client left half-way is charged for what
 was generated.  A cache hit costs nothing, and what it would have cost is
-counted as saved.
+counted as saved.  Counting a prompt's tokens
+(``messages/count_tokens``) generates nothing, and is never charged.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from llmproxy.cache.entry import Entry
 from llmproxy.calls import ModelCall
 from llmproxy.limits import Limiter
 from llmproxy.metrics import Metrics
+
+#: Endpoints whose calls generate nothing: never charged, not even an estimate.
+UNCHARGED = frozenset({"messages/count_tokens"})
 
 
 def estimate_usage(body: bytes, inspector: Inspector) -> Usage:
@@ -45,6 +49,8 @@ class Accountant:
 
     def charge(self, call: ModelCall, inspector: Inspector) -> None:
         """Charge what ``call``'s answer used (nothing, when nothing was answered)."""
+        if call.endpoint in UNCHARGED:
+            return
         usage = inspector.usage
         if usage is None:
             if not inspector.answered:

@@ -1,5 +1,5 @@
 """
-What the proxy knows about OpenAI answers.
+What the proxy knows about answers: OpenAI's, and the Anthropic Messages API's.
 
 An :class:`Inspector` watches one answer go by, a whole body or a stream
 event by event, and notes what the rest of the proxy needs: the token usage
@@ -19,12 +19,18 @@ import attrs
 from twisted.web.http_headers import Headers
 
 from llmproxy.body import drop_member
-from llmproxy.cache.entry import Uncacheable
+from llmproxy.cache.entry import FINISHED, Uncacheable
 from llmproxy.config import Price
 from llmproxy.sse import Event
 
-#: Stream events after which nothing more is due (the Responses API's).
-TERMINAL_EVENTS = frozenset({"response.completed", "response.failed", "response.incomplete"})
+#: Stream events after which nothing more is due (the Responses API's, the Messages API's).
+TERMINAL_EVENTS = frozenset(
+    {"response.completed", "response.failed", "response.incomplete", "message_stop"}
+)
+#: The terminal events of a finished answer (a chat stream's is ``data: [DONE]``).
+COMPLETE = FINISHED | {"[DONE]"}
+#: The Messages API's stream events that carry its usage.
+_MESSAGE_USAGE = frozenset({"message_start", "message_delta"})
 
 _LENGTH = re.compile(r'"finish_reason"\s*:\s*"length"')
 #: Where a usage object begins, whatever the whitespace.  Inside a JSON string
@@ -79,13 +85,15 @@ class Usage:
     @classmethod
     def of(cls, usage: object) -> Usage | None:
         """
-        The usage object of any OpenAI answer: chat and completions
-        (``prompt_tokens``, ``completion_tokens`` and their ``_details``) or
-        the Responses API (``input_tokens``, ``output_tokens``...).  None when
-        it is not one.
+        The usage object of any answer: chat and completions
+        (``prompt_tokens``, ``completion_tokens`` and their ``_details``), the
+        Responses API (``input_tokens``, ``output_tokens``...) or the Messages
+        API (:meth:`of_messages`).  None when it is not one.
         """
         if not isinstance(usage, dict):
             return None
+        if "cache_read_input_tokens" in usage or "cache_creation_input_tokens" in usage:
+            return cls.of_messages(usage)
         if "input_tokens" in usage or "output_tokens" in usage:
             given, made = usage.get("input_tokens"), usage.get("output_tokens")
             given_details = usage.get("input_tokens_details")
@@ -106,6 +114,19 @@ class Usage:
         # A detail larger than its whole is the upstream's mistake: never a negative count.
         cached, reasoning = min(cached, prompt), min(reasoning, completion)
         return cls(prompt - cached, cached, completion - reasoning, reasoning)
+
+    @classmethod
+    def of_messages(cls, usage: dict[str, object]) -> Usage:
+        """
+        The Messages API's usage, whose ``input_tokens`` leave out what the
+        prompt cache read (``cache_read_input_tokens``: cached input) and
+        wrote (``cache_creation_input_tokens``: counted, and priced, as
+        input).  Thinking is part of ``output_tokens``, not reported apart.
+        """
+        given = _count(usage.get("input_tokens")) + _count(usage.get("cache_creation_input_tokens"))
+        return cls(
+            given, _count(usage.get("cache_read_input_tokens")), _count(usage.get("output_tokens"))
+        )
 
     @classmethod
     def estimate(cls, request_body: bytes, output: int) -> Usage:
@@ -154,6 +175,9 @@ class Inspector:
     response_ids: list[str] = attrs.field(factory=list)
     terminal: str | None = None
     uncacheable: Uncacheable | None = None
+    #: A Messages API stream's usage so far: ``message_start``'s, updated by
+    #: each ``message_delta`` (whose counts are the totals so far).
+    _message_usage: dict[str, object] = attrs.field(factory=dict)
 
     def body(self, data: bytes) -> None:
         """A whole (non-streamed) answer."""
@@ -189,6 +213,8 @@ class Inspector:
                 data = None
             if isinstance(data, dict) and isinstance(data.get("response"), dict):
                 self._json(data["response"])
+        elif kind in _MESSAGE_USAGE:
+            self._message_event(event.data)
         elif kind is None and '"usage"' in event.data:
             return self._chunk_usage(event)
         if kind in TERMINAL_EVENTS:
@@ -219,6 +245,23 @@ class Inspector:
                 return attrs.evolve(event, raw=raw, data=stripped)
         return event
 
+    def _message_event(self, data: str) -> None:
+        """A Messages API ``message_start`` or ``message_delta``: its usage, its stop reason."""
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            return
+        if not isinstance(payload, dict):
+            return
+        message = payload.get("message")
+        usage = (message if isinstance(message, dict) else payload).get("usage")
+        if isinstance(usage, dict):
+            self._message_usage.update(usage)
+            self.usage = Usage.of_messages(self._message_usage)
+        delta = payload.get("delta")
+        if isinstance(delta, dict) and delta.get("stop_reason") == "max_tokens":
+            self.uncacheable = Uncacheable.TRUNCATED
+
     def _json(self, payload: object) -> None:
         if not isinstance(payload, dict):
             return
@@ -234,7 +277,7 @@ class Inspector:
     @property
     def complete(self) -> bool:
         """Ended with the terminal event of a finished answer (cacheable)."""
-        return self.terminal in ("[DONE]", "response.completed")
+        return self.terminal in COMPLETE
 
 
 def error_of(data: str | bytes) -> object:
@@ -258,6 +301,13 @@ def worth_storing(endpoint: str, body: bytes) -> bool:
         return payload.get("status") == "completed" and bool(payload.get("output"))
     if endpoint == "embeddings":
         return bool(payload.get("data"))
+    if endpoint == "messages":
+        stop = payload.get("stop_reason")
+        return (
+            payload.get("type") == "message"
+            and stop not in (None, "max_tokens")
+            and bool(payload.get("content"))
+        )
     choices = payload.get("choices")
     if not isinstance(choices, list) or not choices:
         return False

@@ -3,8 +3,11 @@ The Klein resource tree: thin routes that parse an HTTP request, hand it to
 one collaborator (the pipeline for model calls, Responses for stored response
 objects, Operations for the operator's endpoints), and render.
 
-Every client endpoint answers with and without the ``/v1`` prefix.  Every
-error is OpenAI-shaped JSON, rendered by the handlers at the bottom.  What
+Every client endpoint answers with and without the ``/v1`` prefix: OpenAI's,
+and Anthropic's Messages API (``/v1/messages``, and ``/v1/models`` when asked
+with ``anthropic-version``).  Every error is JSON in the shape of the API
+called (:attr:`~llmproxy.site.GatewayRequest.api`), rendered by the handlers
+at the bottom.  What
 every request gets whatever its route (its id, its count) is the Site's
 business (:mod:`llmproxy.site`).
 """
@@ -94,6 +97,7 @@ def _parse(request: GatewayRequest, path: str, body: bytes = b"") -> ClientReque
         request_id=request.request_id,
         query=request.uri.partition(b"?")[2],
         body=body,
+        api=request.api,
         trace=request.trace,
     )
 
@@ -104,8 +108,28 @@ def _json(request: GatewayRequest, payload: object, status: int = 200) -> bytes:
     return json.dumps(payload).encode("utf-8")
 
 
-def _model_object(name: str) -> dict[str, object]:
+def _model_object(name: str, api: str) -> dict[str, object]:
+    if api == errors.ANTHROPIC:
+        # Anthropic's shape; the proxy knows no release date, so the epoch.
+        return {
+            "type": "model",
+            "id": name,
+            "display_name": name,
+            "created_at": "1970-01-01T00:00:00Z",
+        }
     return {"id": name, "object": "model", "created": 0, "owned_by": "llmproxy"}
+
+
+def _model_list(names: list[str], api: str) -> dict[str, object]:
+    data = [_model_object(name, api) for name in names]
+    if api == errors.ANTHROPIC:
+        return {
+            "data": data,
+            "has_more": False,
+            "first_id": names[0] if names else None,
+            "last_id": names[-1] if names else None,
+        }
+    return {"object": "list", "data": data}
 
 
 class Gateway:
@@ -146,6 +170,16 @@ class Gateway:
     async def responses_create(self, request: GatewayRequest) -> None:
         await self._model_call(request)
 
+    # -- the Anthropic Messages API ----------------------------------------------------
+
+    @route(app, "/messages", ["POST"], "messages")
+    async def messages(self, request: GatewayRequest) -> None:
+        await self._model_call(request)
+
+    @route(app, "/messages/count_tokens", ["POST"], "messages/count_tokens")
+    async def count_tokens(self, request: GatewayRequest) -> None:
+        await self._model_call(request)
+
     # -- stored responses --------------------------------------------------------------
 
     @route(app, "/responses/<string:response_id>", ["GET"], "responses/get")
@@ -168,14 +202,15 @@ class Gateway:
 
     @route(app, "/models", ["GET"], "models")
     async def models(self, request: GatewayRequest) -> bytes:
-        data = [_model_object(name) for name in self.pipeline.models(_headers(request))]
-        return _json(request, {"object": "list", "data": data})
+        """The models the caller may use, in the shape of the API that asks (and serves them)."""
+        names = self.pipeline.models(_headers(request), request.api)
+        return _json(request, _model_list(names, request.api))
 
     @route(app, "/models/<path:model_id>", ["GET"], "models/get")
     async def model(self, request: GatewayRequest, model_id: str) -> bytes:
-        if model_id not in self.pipeline.models(_headers(request)):
+        if model_id not in self.pipeline.models(_headers(request), request.api):
             raise errors.model_not_found(model_id)
-        return _json(request, _model_object(model_id))
+        return _json(request, _model_object(model_id, request.api))
 
     # -- operations ------------------------------------------------------------------
 
@@ -219,13 +254,13 @@ class Gateway:
             # Headers are gone: the only honest signal left is in the body.
             ctype = request.responseHeaders.getRawHeaders(b"content-type") or [b""]
             if b"event-stream" in ctype[0]:
-                return error.sse_event()
+                return error.sse_event(request.api)
             return b""
         set_status(request, error.status)
         request.setHeader("content-type", "application/json")
         for name, value in error.headers.items():
             request.setHeader(name, value)
-        return error.body()
+        return error.body(request.api)
 
     @app.handle_errors(errors.APIError)
     def api_error(self, request: IRequest, failure: Failure) -> bytes:

@@ -45,12 +45,23 @@ def _digest(secret: str) -> str:
 
 
 def bearer_token(headers: Mapping[str, str]) -> str | None:
-    """The client key from ``Authorization: Bearer`` (or Azure's ``api-key``)."""
+    """
+    The client key, from ``Authorization: Bearer`` (OpenAI's SDK, and Claude
+    Code's ``ANTHROPIC_AUTH_TOKEN``), ``x-api-key`` (the Anthropic SDK's) or
+    Azure's ``api-key``.  Two of them with different keys is a 401: which one
+    was meant is not the proxy's guess.
+    """
     value = headers.get("authorization", "")
     scheme, _, token = value.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    return headers.get("api-key") or None
+    given = {token.strip()} if scheme.lower() == "bearer" and token.strip() else set()
+    given.update(v.strip() for name in ("x-api-key", "api-key") if (v := headers.get(name, "")))
+    given.discard("")
+    if len(given) > 1:
+        raise errors.unauthorized(
+            "The request carries two different API keys (in Authorization and x-api-key "
+            "or api-key); send one."
+        )
+    return given.pop() if given else None
 
 
 class Authenticator:
@@ -72,7 +83,8 @@ class Authenticator:
             return ANONYMOUS
         if not token:
             raise errors.unauthorized(
-                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'."
+                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'"
+                " (or as x-api-key)."
             )
         key = self._by_digest.get(_digest(token))
         if key is None:

@@ -36,6 +36,8 @@ class ClientRequest:
     request_id: str
     query: bytes = b""
     body: bytes = b""
+    #: The API it speaks: ``openai``, or ``anthropic`` (the Messages API).
+    api: str = "openai"
     #: What the request did, for its log record (shared with the HTTP request).
     trace: Trace = attrs.field(factory=lambda: Trace(0.0), eq=False, repr=False)
 

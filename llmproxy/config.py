@@ -30,6 +30,9 @@ CACHE_BACKENDS = ("memory", "redis", "off")
 CACHE_SCOPES = ("key", "shared")
 ACCESS_LOG_FORMATS = ("json", "text")
 RETRY_REASONS = ("connect", "timeout", "reset")
+#: The client APIs an upstream may serve: OpenAI's (``/v1/chat/completions``...)
+#: and Anthropic's Messages API (``/v1/messages``).
+APIS = ("openai", "anthropic")
 STREAM_USAGE = ("pass", "force")
 BUDGET_PERIODS = ("day", "week", "month", "total")
 
@@ -107,6 +110,8 @@ class Upstream:
     queue_timeout: float = 5.0
     #: What its tokens cost, unless a target says otherwise.
     price: Price | None = None
+    #: The client APIs it serves (:data:`APIS`): requests of the others never go to it.
+    apis: frozenset[str] = frozenset({"openai"})
 
 
 @attrs.frozen
@@ -118,6 +123,8 @@ class Target:
     weight: int = 1
     #: What its tokens cost: the target's own price, else its upstream's (None: unpriced).
     price: Price | None = None
+    #: The client APIs its upstream serves.
+    apis: frozenset[str] = frozenset({"openai"})
 
     @property
     def id(self) -> str:
@@ -129,6 +136,15 @@ class Model:
     name: str
     targets: tuple[Target, ...]
     strategy: str = "round_robin"
+
+    def serves(self, api: str) -> bool:
+        return any(api in t.apis for t in self.targets)
+
+    def serving(self, api: str) -> Model:
+        """The model as a request of ``api`` sees it: only the targets that serve that API."""
+        if all(api in t.apis for t in self.targets):
+            return self
+        return attrs.evolve(self, targets=tuple(t for t in self.targets if api in t.apis))
 
 
 @attrs.frozen
@@ -149,7 +165,7 @@ class HealthChecks:
 @attrs.frozen
 class Routing:
     retries: int = 2
-    retry_on: frozenset[str | int] = frozenset({"connect", "timeout", 429, 500, 502, 503, 504})
+    retry_on: frozenset[str | int] = frozenset({"connect", "timeout", 429, 500, 502, 503, 504, 529})
     cooldown: Cooldown = Cooldown()
     health_checks: HealthChecks | None = None
     affinity_ttl: float = 7 * 24 * 3600.0
@@ -462,6 +478,7 @@ def _upstream(name: str, raw: object, path: str) -> Upstream:
             "keepalive_timeout",
             "queue_timeout",
             "price",
+            "apis",
         ),
     )
     headers_raw = s.get("headers", _open_section, None)
@@ -469,7 +486,7 @@ def _upstream(name: str, raw: object, path: str) -> Upstream:
     if headers_raw is not None:
         for key, value in headers_raw.raw.items():
             lowered = key.lower()
-            if lowered in ("authorization", "host", "content-length", "transfer-encoding"):
+            if lowered in SET_BY_PROXY:
                 raise ConfigError(headers_raw.path_of(key), "this header is set by the proxy")
             headers[key] = _string(value, headers_raw.path_of(key))
     api_key = s.get("api_key", _string, None) or None
@@ -483,7 +500,23 @@ def _upstream(name: str, raw: object, path: str) -> Upstream:
         keepalive_timeout=s.get("keepalive_timeout", _number(0), 30.0),
         queue_timeout=s.get("queue_timeout", _number(0), 5.0),
         price=s.get("price", _price, None),
+        apis=s.get("apis", _apis, frozenset({"openai"})),
     )
+
+
+#: Upstream request headers that only the proxy sets (``x-api-key`` carries the
+#: key to an Anthropic upstream, as ``authorization`` does to the others).
+SET_BY_PROXY = ("authorization", "x-api-key", "host", "content-length", "transfer-encoding")
+
+
+def _apis(value: object, path: str) -> frozenset[str]:
+    items = _list(value, path)
+    if not items:
+        raise ConfigError(path, f"needs at least one of {', '.join(APIS)}")
+    for i, item in enumerate(items):
+        if item not in APIS:
+            raise ConfigError(f"{path}[{i}]", f"expected one of {', '.join(APIS)}, got '{item}'")
+    return frozenset(items)
 
 
 def _price(raw: object, path: str) -> Price:
@@ -509,6 +542,7 @@ def _target(raw: object, path: str, public: str, upstreams: Mapping[str, Upstrea
         model=s.get("model", _string, public),
         weight=s.get("weight", _integer(0), 1),
         price=s.get("price", _price, None) or upstreams[upstream].price,
+        apis=upstreams[upstream].apis,
     )
 
 

@@ -1,9 +1,12 @@
 """
-OpenAI-shaped errors, in one place.
+The proxy's errors, in one place, in the shape of the API that was called.
 
-Everything the proxy refuses or fails is raised as :class:`APIError` and rendered
-by one handler as ``{"error": {"message", "type", "param", "code"}}``, always JSON.
-Nothing else (no traceback, no upstream key) ever reaches a client.
+Everything the proxy refuses or fails is raised as :class:`APIError` and
+rendered by one handler, always JSON: OpenAI's ``{"error": {"message", "type",
+"param", "code"}}``, or, for the Anthropic Messages API (``/v1/messages``),
+Anthropic's ``{"type": "error", "error": {"type", "message"}}`` with the type
+its status has there (:func:`anthropic_type`).  Nothing else (no traceback, no
+upstream key) ever reaches a client.
 """
 
 from __future__ import annotations
@@ -13,6 +16,30 @@ import math
 from collections.abc import Mapping
 
 import attrs
+
+#: The two client APIs (see ``upstreams.<name>.apis``).
+OPENAI = "openai"
+ANTHROPIC = "anthropic"
+
+#: Anthropic's error type for each status the proxy answers with.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_type(status: int) -> str:
+    """The Anthropic error type of a status: 5xx are ``api_error``, other 4xx invalid requests."""
+    found = _ANTHROPIC_TYPES.get(status)
+    if found is not None:
+        return found
+    return "api_error" if status >= 500 else "invalid_request_error"
 
 
 @attrs.frozen(auto_exc=True)
@@ -34,15 +61,27 @@ class APIError(Exception):
             }
         }
 
-    def body(self) -> bytes:
-        return json.dumps(self.payload()).encode("utf-8")
+    def anthropic_payload(self) -> dict[str, object]:
+        return {
+            "type": "error",
+            "error": {"type": anthropic_type(self.status), "message": self.message},
+        }
 
-    def sse_event(self) -> bytes:
+    def body(self, api: str = OPENAI) -> bytes:
+        payload = self.anthropic_payload() if api == ANTHROPIC else self.payload()
+        return json.dumps(payload).encode("utf-8")
+
+    def sse_event(self, api: str = OPENAI) -> bytes:
         """
         The error as a final server-sent event, for a stream cut after its first
         byte.  ``error`` is an object so the OpenAI SDK raises ``APIError`` on it;
         ``type``/``code``/``message`` make it a Responses API ``error`` event too.
+        An Anthropic stream gets its own ``error`` event, whose type is
+        ``api_error`` (or ``overloaded_error``) whatever cut it.
         """
+        if api == ANTHROPIC:
+            data = json.dumps(self.anthropic_payload()).encode("utf-8")
+            return b"event: error\ndata: " + data + b"\n\n"
         event = dict(self.payload())
         event.update(type="error", code=self.code, message=self.message, param=self.param)
         return b"event: error\ndata: " + json.dumps(event).encode("utf-8") + b"\n\n"
@@ -87,6 +126,18 @@ def model_not_found(model: str) -> APIError:
     return APIError(
         404,
         f"The model '{model}' does not exist or you do not have access to it.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def model_not_served(model: str, api: str) -> APIError:
+    """A model none of whose targets' upstreams serve the API it was asked through."""
+    name = "the Anthropic Messages API" if api == ANTHROPIC else "the OpenAI API"
+    return APIError(
+        404,
+        f"The model '{model}' is not served through {name} by this proxy: none of its"
+        f" targets' upstreams list '{api}' in their apis.",
         param="model",
         code="model_not_found",
     )

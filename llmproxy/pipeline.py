@@ -99,6 +99,9 @@ class Pipeline:
         model = self.router.model(name)
         if model is None:
             raise errors.model_not_found(name)
+        if not model.serves(request.api):
+            raise errors.model_not_served(name, request.api)
+        model = model.serving(request.api)  # only the targets that speak this API
         self.auth.authorize(principal, model.name)
         request.trace.model, request.trace.key = model.name, principal.name
         admission = await self.limiter.admit(principal)
@@ -130,10 +133,14 @@ class Pipeline:
         await self.flights.join(flight, sink)
         return True
 
-    def models(self, headers: Mapping[str, str]) -> list[str]:
-        """The public models the caller may use, in config order."""
+    def models(self, headers: Mapping[str, str], api: str) -> list[str]:
+        """The public models the caller may use through ``api``, in config order."""
         principal = self.auth.authenticate(bearer_token(headers))
-        return [name for name in self.router.models if principal.allows(name)]
+        return [
+            name
+            for name, model in self.router.models.items()
+            if principal.allows(name) and model.serves(api)
+        ]
 
     async def _answer(self, call: ModelCall, decision: CacheDecision, sink: ClientSink) -> None:
         """Forward, then charge the tokens and store the answer if it completed."""

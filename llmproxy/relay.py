@@ -46,7 +46,7 @@ from llmproxy.failures import Kind, UpstreamFailure
 from llmproxy.routing.affinity import AffinityStore, Pin
 from llmproxy.sink import COST_HEADER, ClientSink
 from llmproxy.sse import Event, SSEParser
-from llmproxy.upstream.exchange import Exchange, rate_limit_headers
+from llmproxy.upstream.exchange import RATE_LIMIT_PREFIXES, Exchange, rate_limit_headers
 
 SSE_HEADERS = {
     "content-type": "text/event-stream; charset=utf-8",
@@ -213,7 +213,8 @@ class Relay:
 
         inspector.price = exchange.target.price
         inspector.answered = True
-        headers = _passed_headers(call, rate_limit_headers(exchange.headers))
+        headers = _passed_headers(call, exchange.client_headers())
+        headers.pop("content-type", None)  # a stream is relayed as one, whatever it said
         sink.start(exchange.status, {**SSE_HEADERS, **headers})
         broke = await self._pump(exchange, sink, on_event, keepalive)
         for pending in remembering:
@@ -227,7 +228,7 @@ class Relay:
                     Kind.CUT, "the upstream ended the stream before it finished"
                 )
         if broke is not None:
-            sink.write(broke.to_api_error().sse_event())
+            sink.write(broke.to_api_error().sse_event(call.request.api))
             return Relayed(broke=broke)
         if recording is None:
             return Relayed()
@@ -302,26 +303,28 @@ def _kept(inspector: Inspector) -> tuple[int, int, int, int] | None:
 
 def _passed_headers(call: Relayable, headers: dict[str, str]) -> dict[str, str]:
     """
-    The upstream's headers, less its ``x-ratelimit-*`` when the caller's key has
-    limits of its own: those headers are the proxy's (set at admission).
+    The upstream's headers, less its rate-limit ones (``x-ratelimit-*``,
+    ``anthropic-ratelimit-*``) when the caller's key has limits of its own:
+    the key's are the proxy's (set at admission), not the upstream account's.
     """
     key = call.principal.key
     if key is not None and key.rate_limited:
-        return {k: v for k, v in headers.items() if not k.startswith("x-ratelimit-")}
+        prefixes = tuple(p.decode("ascii") for p in RATE_LIMIT_PREFIXES)
+        return {k: v for k, v in headers.items() if not k.startswith(prefixes)}
     return headers
 
 
 def pass_error(failure: UpstreamFailure, sink: ClientSink, caller: Relayable) -> None:
     """
     The last upstream HTTP error goes to the client with its status and, when
-    it is an OpenAI-shaped JSON error, its body as it came (redacted).
-    Anything else (an HTML page from a load balancer, an empty body) is
-    wrapped, so a client always gets the OpenAI error shape.
+    it is a JSON error (OpenAI's or Anthropic's shape), its body as it came
+    (redacted).  Anything else (an HTML page from a load balancer, an empty
+    body) is wrapped, so a client always gets an error in its API's shape.
     """
     assert failure.status is not None
     headers = {"content-type": "application/json"}
     if failure.headers is not None:
-        for name in ("retry-after", "retry-after-ms"):
+        for name in ("retry-after", "retry-after-ms", "request-id"):
             value = failure.headers.getRawHeaders(name)
             if value:
                 headers[name] = value[0]
@@ -333,7 +336,7 @@ def pass_error(failure: UpstreamFailure, sink: ClientSink, caller: Relayable) ->
             f"The upstream answered HTTP {failure.status}",
             type="upstream_error",
             code="upstream_error",
-        ).body()
+        ).body(caller.request.api)
     elif failure.headers is not None:
         value = failure.headers.getRawHeaders("content-type")
         if value:

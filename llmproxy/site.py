@@ -220,10 +220,27 @@ def answer_now(request: GatewayRequest, error: errors.APIError) -> None:
     set_status(request, error.status)
     for name, value in error.headers.items():
         request.setHeader(name, value)
+    body = error.body(request.api)
     request.setHeader("content-type", "application/json")
-    request.setHeader("content-length", str(len(error.body())))
-    request.write(error.body())
+    request.setHeader("content-length", str(len(body)))
+    request.write(body)
     request.finish()
+
+
+#: Paths of Anthropic's Messages API (with and without ``/v1``).
+_ANTHROPIC_PATH = re.compile(rb"^(/v1)?/messages(/|$)")
+_MODELS_PATH = re.compile(rb"^(/v1)?/models(/|$)")
+
+
+def api_of(path: bytes, anthropic_version: bool) -> str:
+    """
+    The API a request speaks, which shapes its errors: Anthropic's for the
+    Messages API, and for ``/v1/models`` asked with an ``anthropic-version``
+    header (as the Anthropic SDK asks); OpenAI's for everything else.
+    """
+    if _ANTHROPIC_PATH.match(path) or (anthropic_version and _MODELS_PATH.match(path)):
+        return errors.ANTHROPIC
+    return errors.OPENAI
 
 
 class GatewayRequest(Request):
@@ -250,6 +267,14 @@ class GatewayRequest(Request):
     def now(self) -> float:
         """The site's clock."""
         return self._site.reactor.seconds()
+
+    @property
+    def api(self) -> str:
+        """The API this request speaks (see :func:`api_of`)."""
+        # Before requestReceived (a body refused as it is announced) only the
+        # channel has the path.
+        path = getattr(self, "path", None) or getattr(self.channel, "_path", b"") or b""
+        return api_of(path.partition(b"?")[0], self.requestHeaders.hasHeader(b"anthropic-version"))
 
     def process(self) -> None:
         """Every request, before any route: its id, the default headers, its count."""
@@ -299,9 +324,10 @@ class GatewayRequest(Request):
         error = errors.bad_request("The request path or Host header is not a valid name.")
         self.trace.error_code = error.code or error.type
         set_status(self, error.status)
+        body = error.body(self.api)
         self.setHeader("content-type", "application/json")
-        self.setHeader("content-length", str(len(error.body())))
-        self.write(error.body())
+        self.setHeader("content-length", str(len(body)))
+        self.write(body)
         self.finish()
 
     def gotLength(self, length: int | None) -> None:
@@ -331,7 +357,7 @@ class GatewayRequest(Request):
     def _reject(self) -> None:
         """Answer 413 straight onto the wire and close: the body is never read."""
         self._rejected = True
-        body = errors.too_large(self._site.max_body_bytes).body()
+        body = errors.too_large(self._site.max_body_bytes).body(self.api)
         head = (
             b"HTTP/1.1 413 Request Entity Too Large\r\n"
             b"Content-Type: application/json\r\n"
@@ -502,7 +528,7 @@ class GatewaySite(Site):
             for request in list(getattr(channel, "requests", [])):
                 ctype = request.responseHeaders.getRawHeaders(b"content-type") or [b""]
                 if request.startedWriting and b"event-stream" in ctype[0] and not request.finished:
-                    request.write(error.sse_event())
+                    request.write(error.sse_event(request.api))
 
     def close_connections(self) -> Deferred[Any]:
         """

@@ -19,8 +19,10 @@ import attrs
 
 from llmproxy.sse import SSEParser
 
-#: The last event of a stream that is stored: chat's ``[DONE]``, the Responses API's completion.
-_FINISHED = "response.completed"
+#: The typed last events of a finished stream, and so of every stream that is
+#: stored: the Responses API's completion, the Messages API's stop (a chat
+#: stream's is ``data: [DONE]``).
+FINISHED = frozenset({"response.completed", "message_stop"})
 
 
 class Uncacheable(enum.Enum):
@@ -102,7 +104,7 @@ class Entry:
         if not events or parser.pending():
             return False
         last = events[-1]
-        return last.is_done or (last.event == _FINISHED and bool(last.data))
+        return last.is_done or (last.event in FINISHED and bool(last.data))
 
 
 def _counts(value: object) -> bool:

@@ -4,7 +4,9 @@ Cache keys and per-request cache controls.
 The key is the sha256 of the canonical JSON (sorted keys, no whitespace) of the
 endpoint, the public model and the whole request body minus the proxy-only
 ``cache`` field, plus the client key's name when ``scope: key``.  ``stream`` is
-part of the body, so a streamed and a plain answer never share an entry.
+part of the body, so a streamed and a plain answer never share an entry.  A
+Messages API request's ``anthropic-version`` and ``anthropic-beta`` headers are
+part of its key too: they change what the answer is.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ def cache_key(
     model: str,
     body: Mapping[str, Any],
     scope_name: str | None,
+    headers: Mapping[str, str] | None = None,
 ) -> str:
     material: dict[str, Any] = {
         "endpoint": endpoint,
@@ -81,4 +84,6 @@ def cache_key(
     }
     if scope_name is not None:
         material["key"] = scope_name
+    if headers:
+        material["headers"] = dict(headers)
     return f"{namespace}:cache:{hashlib.sha256(canonical(material)).hexdigest()}"

@@ -28,7 +28,9 @@ from llmproxy.redisclient import RedisUnavailable
 from llmproxy.sink import ClientSink
 
 #: POST endpoints whose answers may be cached.
-CACHEABLE = frozenset({"chat/completions", "completions", "embeddings", "responses"})
+CACHEABLE = frozenset({"chat/completions", "completions", "embeddings", "responses", "messages"})
+#: Request headers that change an answer, and so are part of its key.
+KEYED_HEADERS = ("anthropic-version", "anthropic-beta")
 #: Answers larger than this are never recorded: neither stored nor replayed to
 #: late single-flight joiners (the memory backend also bounds it by max_bytes).
 MAX_RECORD = 16 * 1024 * 1024
@@ -126,7 +128,11 @@ class ResponseCache:
             self._counts["bypass"] += 1
             return CacheDecision(None, False, False, None, Verdict.BYPASS)
         scope = call.principal.name if self.scope == "key" else None
-        key = cache_key(self.namespace, call.endpoint, call.model.name, call.payload, scope)
+        given = call.request.headers
+        headers = {name: given[name] for name in KEYED_HEADERS if name in given}
+        key = cache_key(
+            self.namespace, call.endpoint, call.model.name, call.payload, scope, headers
+        )
         if not controls.lookup:
             # no-cache: not read, but the fresh answer is still stored.
             self._counts["bypass"] += 1

@@ -272,7 +272,7 @@ class Health:
             return
         breaker = self.breaker(target)
         now = self.reactor.seconds()
-        retry_after = failure.retry_after if failure.status == 429 else None
+        retry_after = failure.retry_after if failure.status in (429, 529) else None
         breaker.fail(now, self.cooldown, retry_after, probe)
         shared = await self.store.failed(target, now, retry_after, probe)
         if shared is not None:

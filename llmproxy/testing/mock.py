@@ -1,5 +1,5 @@
 """
-A mock OpenAI-compatible upstream, on Klein, with real wire framing.
+A mock OpenAI-compatible (and Anthropic Messages) upstream, on Klein, with real wire framing.
 
 Tests use it as the backend behind llmproxy (in memory through StubTreq, or as a
 real ``twistd -n llmproxy-mock`` process), and users run it to try the proxy
@@ -7,6 +7,16 @@ without an API key.  It answers chat completions (streamed: role chunk, content
 deltas, finish chunk, usage chunk when ``stream_options.include_usage``,
 ``[DONE]``), legacy completions, embeddings (float and base64), the Responses
 API (typed ``event:`` stream, retrieval, delete, cancel, input items) and models.
+
+It speaks the Anthropic Messages API too (shapes in :mod:`llmproxy.testing.anthropic`):
+``POST /v1/messages`` (a ``Message``; streamed: ``message_start``,
+``content_block_start``, ``ping``, ``content_block_delta``..., ``content_block_stop``,
+``message_delta``, ``message_stop``; ``max_tokens`` required, a longer reply cut with
+``stop_reason: max_tokens``), ``POST /v1/messages/count_tokens`` and ``GET /v1/models``
+with an ``anthropic-version`` header.  There the key must come as ``x-api-key`` (401
+``authentication_error`` otherwise), ``anthropic-version`` is required (400), every error
+is ``{"type": "error", "error": {"type": ..., "message": ...}}`` (the ``status`` knob's
+default body too) and answers carry a ``request-id`` header.
 
 Fault knobs, for tests, come from ``POST /_mock/config`` (every later request) or
 from a ``mock`` object in the request body (that request only)::
@@ -26,7 +36,10 @@ from a ``mock`` object in the request body (that request only)::
     infinite, chunk_bytes   stream filler events forever, as a push producer
     omit_done               end a chat stream cleanly but without ``data: [DONE]``
     error_chunk             end a chat stream with ``data: {"error": ...}`` then ``[DONE]``
-    echo_auth               put the received Authorization header in an error body
+                            (a messages stream: ``event: error`` instead of ``message_stop``)
+    overloaded              (Anthropic routes) answer 529 ``overloaded_error``
+    echo_auth               put the received Authorization header (Anthropic routes:
+                            ``x-api-key``) in an error body
     gzip                    gzip the response body
     big_body                answer a JSON body of this many bytes (a ``filler`` string),
                             written as a push producer, never held whole (with
@@ -38,7 +51,9 @@ from a ``mock`` object in the request body (that request only)::
     idle_close              close this connection after this many idle seconds once the
                             answer is over (a keep-alive timeout, as servers and LBs have)
     usage                   members that replace those of the reported usage (e.g.
-                            ``prompt_tokens_details: {cached_tokens: 32}``)
+                            ``prompt_tokens_details: {cached_tokens: 32}``; on messages
+                            ``cache_read_input_tokens: 5``: a stream's ``message_start``,
+                            and its ``message_delta`` for ``output_tokens``)
     no_usage                report no usage at all (a non-streamed answer without it)
     spaced                  write stream events' JSON with spaces (``"usage": {``), as
                             some servers do
@@ -66,6 +81,8 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from twisted.python.failure import Failure
 from twisted.web.server import Request as IRequest
 from zope.interface import implementer
+
+import llmproxy.testing.anthropic as anthropic
 
 JSONDict = dict[str, Any]
 
@@ -328,10 +345,7 @@ class MockUpstream:
             body = {}
         if not isinstance(body, dict):
             body = {}
-        headers = {
-            k.decode("latin-1").lower(): v[-1].decode("latin-1")
-            for k, v in request.requestHeaders.getAllRawHeaders()
-        }
+        headers = self._headers(request)
         self.received.append(
             {
                 "method": request.method.decode(),
@@ -372,6 +386,12 @@ class MockUpstream:
         got = request.getHeader("authorization") or ""
         return got == f"Bearer {self.api_key}"
 
+    def _headers(self, request: IRequest) -> dict[str, str]:
+        return {
+            k.decode("latin-1").lower(): v[-1].decode("latin-1")
+            for k, v in request.requestHeaders.getAllRawHeaders()
+        }
+
     def _json(self, request: IRequest, status: int, payload: object, knobs: JSONDict) -> bytes:
         request.setResponseCode(status)
         request.setHeader("content-type", "application/json")
@@ -407,12 +427,18 @@ class MockUpstream:
     def _stall(self, request: IRequest) -> Any:
         return Deferred()
 
-    def _fault(self, request: IRequest, knobs: JSONDict) -> bytes | None:
-        """The configured failure for this request, if any."""
+    def _fault(self, request: IRequest, knobs: JSONDict, api: str = "openai") -> bytes | None:
+        """The configured failure for this request (``api``: whose errors), if any."""
         if knobs.get("redirect"):
             request.setResponseCode(302)
             request.setHeader("location", str(knobs["redirect"]))
             return b""
+        if api == "anthropic":
+            refused = anthropic.fault(self.name, self.api_key, self._headers(request), knobs)
+            if refused is None:
+                return None
+            status, payload, shaped = refused
+            return self._json(request, status, payload, knobs if shaped else {})
         if not self._authorized(request):
             return self._json(
                 request,
@@ -477,20 +503,25 @@ class MockUpstream:
         transport.abortConnection()
         return Deferred()  # cancelled by Klein as the connection goes
 
-    async def _serve(self, request: IRequest, build: Any) -> Any:
+    async def _serve(self, request: IRequest, build: Any, api: str = "openai") -> Any:
         body, knobs = self._record(request)
+        if api == "anthropic":
+            request.setHeader("request-id", _new_id("req"))
         if knobs.get("reset"):
             return await self._reset(request)
         await self._delay(knobs)
-        fault = self._fault(request, knobs)
+        fault = self._fault(request, knobs, api)
         if fault is not None:
             return fault
         return build(request, body, knobs)
 
-    def _reply_text(self, body: JSONDict, knobs: JSONDict) -> str:
+    def _reply_text(self, body: JSONDict, knobs: JSONDict, said: str | None = None) -> str:
+        """The reply: the ``text`` knob, or an echo of ``said`` (default: the last user text)."""
         if knobs.get("text") is not None:
             return str(knobs["text"])
-        return f"Hello from {self.name}! You said: {_last_user_text(body)}"
+        if said is None:
+            said = _last_user_text(body)
+        return f"Hello from {self.name}! You said: {said}"
 
     def _pieces(self, text: str, knobs: JSONDict) -> list[str]:
         words = text.split(" ")
@@ -804,7 +835,12 @@ class MockUpstream:
 
     @app.route("/v1/models", methods=["GET"])
     def models(self, request: IRequest) -> Any:
+        if request.getHeader("anthropic-version"):
+            return self._serve(request, self._anthropic_models, "anthropic")
         return self._serve(request, self._models)
+
+    def _anthropic_models(self, request: IRequest, body: JSONDict, knobs: JSONDict) -> bytes:
+        return self._json(request, 200, anthropic.models(), knobs)
 
     def _models(self, request: IRequest, body: JSONDict, knobs: JSONDict) -> bytes:
         names = ["mock-model", "gpt-4o-mini", "text-embedding-3-small"]
@@ -815,6 +851,48 @@ class MockUpstream:
             ],
         }
         return self._json(request, 200, payload, knobs)
+
+    # -- Anthropic Messages API ----------------------------------------------------
+
+    @app.route("/v1/messages", methods=["POST"])
+    def messages(self, request: IRequest) -> Any:
+        return self._serve(request, self._messages, "anthropic")
+
+    @app.route("/v1/messages/count_tokens", methods=["POST"])
+    def count_tokens(self, request: IRequest) -> Any:
+        return self._serve(request, self._count_tokens, "anthropic")
+
+    def _count_tokens(self, request: IRequest, body: JSONDict, knobs: JSONDict) -> bytes:
+        problem = anthropic.invalid(body, "model", "messages")
+        if problem is not None:
+            return self._json(request, 400, anthropic.error("invalid_request_error", problem), {})
+        payload = {"input_tokens": _tokens(anthropic.prompt_text(body))}
+        return self._json(request, 200, payload, knobs)
+
+    def _messages(self, request: IRequest, body: JSONDict, knobs: JSONDict) -> Any:
+        problem = anthropic.invalid(body, "model", "messages", "max_tokens")
+        if problem is not None:
+            return self._json(request, 400, anthropic.error("invalid_request_error", problem), {})
+        model, limit = str(body["model"]), int(body["max_tokens"])
+        text = self._reply_text(body, knobs, anthropic.user_text(body))
+        input_tokens = _tokens(anthropic.prompt_text(body))
+        mid = _new_id("msg")
+        # Longer than max_tokens (a token being a word here): cut, as the model is.
+        pieces = self._pieces(text, knobs if body.get("stream") else {})
+        stop = "max_tokens" if len(pieces) > limit else "end_turn"
+        pieces = pieces[:limit]
+        if not body.get("stream"):
+            text = "".join(pieces)
+            used = _reported(anthropic.usage(input_tokens, _tokens(text)), knobs)
+            return self._json(request, 200, anthropic.message(mid, model, text, stop, used), knobs)
+        start_usage = _reported(anthropic.usage(input_tokens, 1), knobs)
+        start = anthropic.message(mid, model, None, None, start_usage)
+        # message_delta's usage is the output's count (the ``usage`` knob's, if it has one).
+        count = (knobs.get("usage") or {}).get("output_tokens", len(pieces))
+        used = None if knobs.get("no_usage") else {"output_tokens": count}
+        failure = str(knobs["error_chunk"]) if knobs.get("error_chunk") else None
+        events = anthropic.stream(start, pieces, stop, used, failure)
+        return self._stream(request, [_sse(e, e["type"]) for e in events], knobs)
 
     # -- control surface for tests -------------------------------------------------
 

@@ -47,18 +47,25 @@ from llmproxy.sse import Event, SSEParser
 
 # Upstream response headers a client gets; the rest (cookies, Content-Length and
 # Content-Encoding after treq decoded the body, hop-by-hop, organisation ids) stay.
-RESPONSE_HEADERS = ("content-type", "retry-after", "retry-after-ms", "openai-processing-ms")
+RESPONSE_HEADERS = (
+    "content-type",
+    "retry-after",
+    "retry-after-ms",
+    "openai-processing-ms",
+    "request-id",  # Anthropic's, which its SDK reports with every error
+)
 
-#: The upstream's own rate-limit headers (OpenAI's ``x-ratelimit-limit-requests``...).
-RATE_LIMIT_PREFIX = b"x-ratelimit-"
+#: The upstream's own rate-limit headers (OpenAI's ``x-ratelimit-limit-requests``...,
+#: Anthropic's ``anthropic-ratelimit-requests-remaining``...).
+RATE_LIMIT_PREFIXES = (b"x-ratelimit-", b"anthropic-ratelimit-")
 
 
 def rate_limit_headers(headers: Headers) -> dict[str, str]:
-    """The upstream's ``x-ratelimit-*`` headers, first values."""
+    """The upstream's ``x-ratelimit-*`` and ``anthropic-ratelimit-*`` headers, first values."""
     return {
         name.decode("latin-1").lower(): values[0].decode("latin-1")
         for name, values in headers.getAllRawHeaders()
-        if name.lower().startswith(RATE_LIMIT_PREFIX) and values
+        if name.lower().startswith(RATE_LIMIT_PREFIXES) and values
     }
 
 

@@ -2,8 +2,10 @@
 Sending one request to one target and waiting for its response headers.
 
 The forwarding rules: the upstream URL, key and model come only from config;
-the client's ``Authorization``, cookies, ``Host`` and hop-by-hop headers are
-never forwarded; redirects are not followed.  Each upstream has
+the client's ``Authorization`` (or ``x-api-key``), cookies, ``Host`` and
+hop-by-hop headers are never forwarded; redirects are not followed.  The
+upstream's key goes as ``Authorization: Bearer``, or, for a request of the
+Anthropic Messages API, as ``x-api-key`` (Anthropic's way), never both.  Each upstream has
 ``max_connections`` slots (Twisted's pool caps idle connections, not
 concurrent ones); a request waits for a free one no longer than the
 upstream's ``queue_timeout``, then fails with :class:`QueueTimeout` (the next
@@ -49,6 +51,10 @@ from llmproxy.upstream.exchange import MAX_BODY, Exchange, Slot, discard
 # Headers a client may send that are passed upstream; everything else (cookies,
 # Host, hop-by-hop, the client's Authorization) stays here.
 REQUEST_HEADERS = ("accept", "openai-beta", "user-agent")
+#: ...and, on requests of the Anthropic Messages API, its version and beta flags.
+ANTHROPIC_HEADERS = ("anthropic-version", "anthropic-beta")
+#: The Messages API version a health check of an Anthropic-only upstream names.
+ANTHROPIC_VERSION = "2023-06-01"
 
 # Nothing reached the upstream: another target may safely be tried.
 _CONNECTION_ERRORS = (
@@ -115,17 +121,25 @@ class Forwarder:
         self._slots = dict(slots) if slots is not None else connection_slots(upstreams)
 
     def build_headers(
-        self, upstream: Upstream, client: Mapping[str, str], request_id: str, has_body: bool
+        self,
+        upstream: Upstream,
+        client: Mapping[str, str],
+        request_id: str,
+        has_body: bool,
+        api: str = errors.OPENAI,
     ) -> Headers:
         """What an upstream is sent: a few of the client's headers, then the upstream's own."""
         headers: dict[str, list[str]] = {}
-        for name in REQUEST_HEADERS:
+        passed = REQUEST_HEADERS + (ANTHROPIC_HEADERS if api == errors.ANTHROPIC else ())
+        for name in passed:
             if name in client:
                 headers[name] = [client[name]]
         headers["x-request-id"] = [request_id]
         for name, value in upstream.headers.items():
             headers[name] = [value]
-        if upstream.api_key:
+        if upstream.api_key and api == errors.ANTHROPIC:
+            headers["x-api-key"] = [upstream.api_key]
+        elif upstream.api_key:
             headers["authorization"] = [f"Bearer {upstream.api_key}"]
         if has_body:
             headers["content-type"] = ["application/json"]
@@ -144,7 +158,7 @@ class Forwarder:
         if request.query:
             url += "?" + request.query.decode("ascii")
         headers = self.build_headers(
-            upstream, request.headers, request.request_id, body is not None
+            upstream, request.headers, request.request_id, body is not None, request.api
         )
         deadline = self.reactor.seconds() + upstream.timeouts.total
         slot = await self._slot(upstream)
@@ -237,13 +251,23 @@ class Forwarder:
             retry_after=parse_retry_after(headers),
         )
 
+    def _probe_headers(self, upstream: Upstream) -> Headers:
+        """
+        A health check authenticates as OpenAI's API does, unless its upstream
+        serves only Anthropic's, which also wants to know the API version.
+        """
+        if errors.OPENAI in upstream.apis:
+            return self.build_headers(upstream, {}, "health-check", False)
+        asked = {"anthropic-version": ANTHROPIC_VERSION}
+        return self.build_headers(upstream, asked, "health-check", False, errors.ANTHROPIC)
+
     async def probe(self, name: str, path: str, timeout: float) -> bool:
         """An active health check: does ``GET {base_url}{path}`` answer 2xx in time?"""
         upstream = self.upstreams[name]
         request = self.clients[name].request(
             "GET",
             upstream.base_url + path,
-            headers=self.build_headers(upstream, {}, "health-check", False),
+            headers=self._probe_headers(upstream),
             unbuffered=True,
             allow_redirects=False,
         )

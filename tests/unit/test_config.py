@@ -51,7 +51,9 @@ class SchemaTests(SynchronousTestCase):
             ("local", "Qwen/Qwen2.5-7B-Instruct", 0),
         ]
         assert config.listen == ("tcp:8080:interface=127.0.0.1",)
-        assert config.routing.retry_on == frozenset({"connect", "timeout", 429, 500, 502, 503, 504})
+        assert config.routing.retry_on == frozenset(
+            {"connect", "timeout", 429, 500, 502, 503, 504, 529}
+        )
         assert config.cache.backend == "memory" and config.cache.scope == "key"
         assert config.redis is None and config.auth.keys == ()
 
