@@ -12,7 +12,9 @@ counted apart from the exact numbers.  A call that was refused generated
 nothing and costs nothing; one the client left half-way is charged for what
 was generated.  A cache hit costs nothing, and what it would have cost is
 counted as saved.  Counting a prompt's tokens
-(``messages/count_tokens``) generates nothing, and is never charged.
+(``messages/count_tokens``) generates nothing, and is never charged; audio,
+images and moderations are charged what their answers report, and not
+estimated when they report nothing (their bytes are not tokens).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from llmproxy.metrics import Metrics
 
 #: Endpoints whose calls generate nothing: never charged, not even an estimate.
 UNCHARGED = frozenset({"messages/count_tokens"})
+#: Endpoints of text in, text out, whose tokens can be estimated when the answer
+#: reports none.  Audio, images and moderations are charged only what they report.
+ESTIMATED = frozenset({"chat/completions", "completions", "embeddings", "responses", "messages"})
 
 
 def estimate_usage(body: bytes, inspector: Inspector) -> Usage:
@@ -53,7 +58,7 @@ class Accountant:
             return
         usage = inspector.usage
         if usage is None:
-            if not inspector.answered:
+            if not inspector.answered or call.endpoint not in ESTIMATED:
                 return
             usage = estimate_usage(call.request.body, inspector)
         cost = usage.cost(inspector.price)

@@ -23,12 +23,21 @@ from llmproxy.cache.entry import FINISHED, Uncacheable
 from llmproxy.config import Price
 from llmproxy.sse import Event
 
-#: Stream events after which nothing more is due (the Responses API's, the Messages API's).
+#: Stream events after which nothing more is due (the Responses API's, the Messages
+#: API's, a streamed transcription's).
 TERMINAL_EVENTS = frozenset(
-    {"response.completed", "response.failed", "response.incomplete", "message_stop"}
+    {
+        "response.completed",
+        "response.failed",
+        "response.incomplete",
+        "message_stop",
+        "transcript.text.done",
+    }
 )
 #: The terminal events of a finished answer (a chat stream's is ``data: [DONE]``).
 COMPLETE = FINISHED | {"[DONE]"}
+#: Objects an upstream keeps, whose ids are tied to it and to their owner.
+PINNED_OBJECTS = frozenset({"response", "file", "batch"})
 #: The Messages API's stream events that carry its usage.
 _MESSAGE_USAGE = frozenset({"message_start", "message_delta"})
 
@@ -37,6 +46,8 @@ _LENGTH = re.compile(r'"finish_reason"\s*:\s*"length"')
 #: the quotes would be escaped, so this only finds a member name.
 _USAGE = re.compile(rb'"usage"\s*:\s*\{')
 _USAGE_TEXT = re.compile(r'"usage"\s*:\s*(\{|null)')
+#: The ``type`` of an event's data, when it comes first (as OpenAI writes them).
+_TYPED = re.compile(r'\s*\{\s*"type"\s*:\s*"([a-z_.]{1,64})"')
 _decoder = json.JSONDecoder()
 
 
@@ -182,7 +193,7 @@ class Inspector:
     def body(self, data: bytes) -> None:
         """A whole (non-streamed) answer."""
         self.body_bytes = len(data)
-        if self.endpoint.startswith("responses"):
+        if self.endpoint.startswith(("responses", "files", "batches")):
             try:
                 self._json(json.loads(data))  # the response id is needed
             except ValueError:
@@ -201,6 +212,9 @@ class Inspector:
         if event.data:
             self.data_events += 1
         kind = event.event
+        if kind is None and (typed := _TYPED.match(event.data)) is not None:
+            if typed.group(1) in TERMINAL_EVENTS:
+                self.terminal = typed.group(1)  # a typed event without its ``event:`` line
         if kind == "error" or (kind is None and '"error"' in event.data and error_of(event.data)):
             # e.g. vLLM's `data: {"error": ...}` followed by `data: [DONE]`
             self.uncacheable = Uncacheable.ERROR_EVENT
@@ -266,8 +280,14 @@ class Inspector:
         if not isinstance(payload, dict):
             return
         self.usage = Usage.of(payload.get("usage")) or self.usage
-        if payload.get("object") == "response" and isinstance(payload.get("id"), str):
+        kind = payload.get("object")
+        if kind in PINNED_OBJECTS and isinstance(payload.get("id"), str):
             self.response_ids.append(payload["id"])
+        if kind == "batch":
+            # A batch's results are files on its upstream, the batch owner's.
+            for name in ("output_file_id", "error_file_id"):
+                if isinstance(payload.get(name), str) and payload[name]:
+                    self.response_ids.append(payload[name])
 
     def take_response_ids(self) -> list[str]:
         """The response ids seen since the last call."""
@@ -301,6 +321,8 @@ def worth_storing(endpoint: str, body: bytes) -> bool:
         return payload.get("status") == "completed" and bool(payload.get("output"))
     if endpoint == "embeddings":
         return bool(payload.get("data"))
+    if endpoint == "moderations":
+        return bool(payload.get("results"))
     if endpoint == "messages":
         stop = payload.get("stop_reason")
         return (
@@ -318,6 +340,19 @@ def worth_storing(endpoint: str, body: bytes) -> bool:
         if choice.get("text") or message.get("content") or message.get("tool_calls"):
             return True
     return False
+
+
+def is_piped(headers: Headers) -> bool:
+    """
+    Is this answer relayed as raw bytes as they arrive (audio, images, a
+    file's content)?  Everything with a type that is not JSON, text or events
+    is: nothing in it is for the proxy to read.
+    """
+    value = headers.getRawHeaders("content-type") or [""]
+    kind = value[0].split(";")[0].strip().lower()
+    if not kind or kind == "text/event-stream":
+        return False
+    return not (kind.startswith("text/") or kind.endswith("json") or kind.endswith("+json"))
 
 
 def is_event_stream(headers: Headers) -> bool:

@@ -1,7 +1,9 @@
 """
 The Klein resource tree: thin routes that parse an HTTP request, hand it to
 one collaborator (the pipeline for model calls, Responses for stored response
-objects, Operations for the operator's endpoints), and render.
+objects, Files for files and batches, Operations for the operator's
+endpoints), and render.  A form body (multipart/form-data) is taken only on
+the endpoints that take one (:data:`FORM_ENDPOINTS`), and left in its spool.
 
 Every client endpoint answers with and without the ``/v1`` prefix: OpenAI's,
 and Anthropic's Messages API (``/v1/messages``, and ``/v1/models`` when asked
@@ -28,6 +30,8 @@ from werkzeug.routing import RequestRedirect
 
 from llmproxy import errors
 from llmproxy.calls import ClientRequest
+from llmproxy.files import Files
+from llmproxy.forms import Upload
 from llmproxy.operations import Caller, Operations
 from llmproxy.pipeline import Pipeline
 from llmproxy.responses import Responses
@@ -88,7 +92,26 @@ def _caller(request: GatewayRequest) -> Caller:
     return Caller(_headers(request), local=request.direct_from_loopback())
 
 
-def _parse(request: GatewayRequest, path: str, body: bytes = b"") -> ClientRequest:
+#: Endpoints whose bodies are multipart/form-data (every other body is JSON,
+#: whatever its Content-Type says).
+FORM_ENDPOINTS = frozenset(
+    {"audio/transcriptions", "audio/translations", "images/edits", "files/create"}
+)
+
+
+def _upload(request: GatewayRequest) -> Upload | None:
+    """A multipart/form-data body, read as it arrived, and left in its spool."""
+    if request.endpoint not in FORM_ENDPOINTS or request.form_reader is None:
+        return None
+    if request.content is None:
+        return None
+    content_type = request.getHeader("content-type") or ""
+    return request.form_reader.form(request.content, request.bytes_in, content_type)
+
+
+def _parse(
+    request: GatewayRequest, path: str, body: bytes = b"", upload: Upload | None = None
+) -> ClientRequest:
     return ClientRequest(
         endpoint=request.endpoint,
         method=request.method.decode("ascii"),
@@ -98,8 +121,18 @@ def _parse(request: GatewayRequest, path: str, body: bytes = b"") -> ClientReque
         query=request.uri.partition(b"?")[2],
         body=body,
         api=request.api,
+        upload=upload,
         trace=request.trace,
     )
+
+
+def _with_body(request: GatewayRequest, path: str) -> ClientRequest:
+    """The request, with its JSON body read, or its form left in the spool."""
+    upload = _upload(request)
+    body = b""
+    if upload is None and request.content is not None:
+        body = request.content.read()
+    return _parse(request, path, body, upload)
 
 
 def _json(request: GatewayRequest, payload: object, status: int = 200) -> bytes:
@@ -132,20 +165,129 @@ def _model_list(names: list[str], api: str) -> dict[str, object]:
     return {"object": "list", "data": data}
 
 
-class Gateway:
-    """The HTTP face of the proxy."""
+#: The routes of every Gateway.  Module-level so that the route groups below,
+#: mixed into :class:`Gateway`, register on it too (Klein hands each handler
+#: the instance it serves).
+app = Klein()
 
-    app = Klein()
+
+class ObjectRoutes:
+    """Files and batches, answered by :class:`~llmproxy.files.Files`."""
+
+    files: Files
+
+    @route(app, "/files", ["POST"], "files/create")
+    async def file_create(self, request: GatewayRequest) -> None:
+        await self.files.create(_with_body(request, "/files"), RequestSink(request))
+
+    @route(app, "/files", ["GET"], "files/list")
+    async def file_list(self, request: GatewayRequest) -> None:
+        await self.files.list(_with_body(request, "/files"), RequestSink(request))
+
+    @route(app, "/files/<string:file_id>", ["GET"], "files/get")
+    async def file_get(self, request: GatewayRequest, file_id: str) -> None:
+        await self._on(request, "file", file_id, f"/files/{file_id}")
+
+    @route(app, "/files/<string:file_id>", ["DELETE"], "files/delete")
+    async def file_delete(self, request: GatewayRequest, file_id: str) -> None:
+        await self._on(request, "file", file_id, f"/files/{file_id}")
+
+    @route(app, "/files/<string:file_id>/content", ["GET"], "files/content")
+    async def file_content(self, request: GatewayRequest, file_id: str) -> None:
+        await self._on(request, "file", file_id, f"/files/{file_id}/content")
+
+    @route(app, "/batches", ["POST"], "batches/create")
+    async def batch_create(self, request: GatewayRequest) -> None:
+        await self.files.create(_with_body(request, "/batches"), RequestSink(request))
+
+    @route(app, "/batches", ["GET"], "batches/list")
+    async def batch_list(self, request: GatewayRequest) -> None:
+        await self.files.list(_with_body(request, "/batches"), RequestSink(request))
+
+    @route(app, "/batches/<string:batch_id>", ["GET"], "batches/get")
+    async def batch_get(self, request: GatewayRequest, batch_id: str) -> None:
+        await self._on(request, "batch", batch_id, f"/batches/{batch_id}")
+
+    @route(app, "/batches/<string:batch_id>/cancel", ["POST"], "batches/cancel")
+    async def batch_cancel(self, request: GatewayRequest, batch_id: str) -> None:
+        await self._on(request, "batch", batch_id, f"/batches/{batch_id}/cancel")
+
+    async def _on(self, request: GatewayRequest, kind: str, object_id: str, path: str) -> None:
+        parsed = _with_body(request, path)
+        await self.files.on(parsed, kind, object_id, RequestSink(request))
+
+
+class ErrorPages:
+    """Every error, as JSON in the shape of the API called."""
+
     log = Logger()
 
-    def __init__(self, pipeline: Pipeline, responses: Responses, operations: Operations) -> None:
+    def _render_error(self, request: GatewayRequest, error: errors.APIError) -> bytes:
+        request.trace.error_code = error.code or error.type
+        if request.startedWriting:
+            # Headers are gone: the only honest signal left is in the body.
+            ctype = request.responseHeaders.getRawHeaders(b"content-type") or [b""]
+            if b"event-stream" in ctype[0]:
+                return error.sse_event(request.api)
+            return b""
+        set_status(request, error.status)
+        request.setHeader("content-type", "application/json")
+        for name, value in error.headers.items():
+            request.setHeader(name, value)
+        return error.body(request.api)
+
+    @app.handle_errors(errors.APIError)
+    def api_error(self, request: IRequest, failure: Failure) -> bytes:
+        return self._render_error(_gateway(request), failure.value)
+
+    @app.handle_errors(NotFound)
+    def not_found(self, request: IRequest, failure: Failure) -> bytes:
+        path = request.path.decode("utf-8", "replace")
+        return self._render_error(_gateway(request), errors.route_not_found(path))
+
+    @app.handle_errors(MethodNotAllowed)
+    def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
+        error = errors.method_not_allowed(
+            request.method.decode("ascii", "replace"),
+            request.path.decode("utf-8", "replace"),
+            list(failure.value.valid_methods or []),
+        )
+        return self._render_error(_gateway(request), error)
+
+    @app.handle_errors(RequestRedirect)
+    def redirect(self, request: IRequest, failure: Failure) -> bytes:
+        """
+        werkzeug would redirect a path that only matches once its repeated
+        slashes are merged (``/v1//chat/completions``): it is not one of ours,
+        so a 404, naming the path as sent.  A 308 would have SDKs replay (or
+        not) the body at another URL, and serving it would hide a client's
+        misconfigured base URL.
+        """
+        path = request.path.decode("utf-8", "replace")
+        return self._render_error(_gateway(request), errors.route_not_found(path))
+
+    @app.handle_errors(Exception)
+    def unexpected(self, request: IRequest, failure: Failure) -> bytes:
+        rid = _gateway(request).request_id
+        self.log.failure("request {request_id} failed", failure, request_id=rid)
+        return self._render_error(_gateway(request), errors.internal(rid))
+
+
+class Gateway(ObjectRoutes, ErrorPages):
+    """The HTTP face of the proxy."""
+
+    app = app
+
+    def __init__(
+        self, pipeline: Pipeline, responses: Responses, operations: Operations, files: Files
+    ) -> None:
         self.pipeline = pipeline
         self.responses = responses
         self.operations = operations
+        self.files = files
 
     async def _model_call(self, request: GatewayRequest) -> None:
-        body = request.content.read() if request.content is not None else b""
-        parsed = _parse(request, "/" + request.endpoint, body)
+        parsed = _with_body(request, "/" + request.endpoint)
         await self.pipeline.handle(parsed, RequestSink(request))
 
     async def _response_object(self, request: GatewayRequest, response_id: str, tail: str) -> None:
@@ -168,6 +310,30 @@ class Gateway:
 
     @route(app, "/responses", ["POST"], "responses")
     async def responses_create(self, request: GatewayRequest) -> None:
+        await self._model_call(request)
+
+    @route(app, "/audio/speech", ["POST"], "audio/speech")
+    async def speech(self, request: GatewayRequest) -> None:
+        await self._model_call(request)
+
+    @route(app, "/audio/transcriptions", ["POST"], "audio/transcriptions")
+    async def transcriptions(self, request: GatewayRequest) -> None:
+        await self._model_call(request)
+
+    @route(app, "/audio/translations", ["POST"], "audio/translations")
+    async def translations(self, request: GatewayRequest) -> None:
+        await self._model_call(request)
+
+    @route(app, "/images/generations", ["POST"], "images/generations")
+    async def images(self, request: GatewayRequest) -> None:
+        await self._model_call(request)
+
+    @route(app, "/images/edits", ["POST"], "images/edits")
+    async def image_edits(self, request: GatewayRequest) -> None:
+        await self._model_call(request)
+
+    @route(app, "/moderations", ["POST"], "moderations")
+    async def moderations(self, request: GatewayRequest) -> None:
         await self._model_call(request)
 
     # -- the Anthropic Messages API ----------------------------------------------------
@@ -245,55 +411,3 @@ class Gateway:
     @route(app, "/cache", ["DELETE"], "cache", v1=False)
     async def purge_cache(self, request: GatewayRequest) -> bytes:
         return _json(request, {"purged": await self.operations.purge(_caller(request))})
-
-    # -- errors ----------------------------------------------------------------------
-
-    def _render_error(self, request: GatewayRequest, error: errors.APIError) -> bytes:
-        request.trace.error_code = error.code or error.type
-        if request.startedWriting:
-            # Headers are gone: the only honest signal left is in the body.
-            ctype = request.responseHeaders.getRawHeaders(b"content-type") or [b""]
-            if b"event-stream" in ctype[0]:
-                return error.sse_event(request.api)
-            return b""
-        set_status(request, error.status)
-        request.setHeader("content-type", "application/json")
-        for name, value in error.headers.items():
-            request.setHeader(name, value)
-        return error.body(request.api)
-
-    @app.handle_errors(errors.APIError)
-    def api_error(self, request: IRequest, failure: Failure) -> bytes:
-        return self._render_error(_gateway(request), failure.value)
-
-    @app.handle_errors(NotFound)
-    def not_found(self, request: IRequest, failure: Failure) -> bytes:
-        path = request.path.decode("utf-8", "replace")
-        return self._render_error(_gateway(request), errors.route_not_found(path))
-
-    @app.handle_errors(MethodNotAllowed)
-    def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
-        error = errors.method_not_allowed(
-            request.method.decode("ascii", "replace"),
-            request.path.decode("utf-8", "replace"),
-            list(failure.value.valid_methods or []),
-        )
-        return self._render_error(_gateway(request), error)
-
-    @app.handle_errors(RequestRedirect)
-    def redirect(self, request: IRequest, failure: Failure) -> bytes:
-        """
-        werkzeug would redirect a path that only matches once its repeated
-        slashes are merged (``/v1//chat/completions``): it is not one of ours,
-        so a 404, naming the path as sent.  A 308 would have SDKs replay (or
-        not) the body at another URL, and serving it would hide a client's
-        misconfigured base URL.
-        """
-        path = request.path.decode("utf-8", "replace")
-        return self._render_error(_gateway(request), errors.route_not_found(path))
-
-    @app.handle_errors(Exception)
-    def unexpected(self, request: IRequest, failure: Failure) -> bytes:
-        rid = _gateway(request).request_id
-        self.log.failure("request {request_id} failed", failure, request_id=rid)
-        return self._render_error(_gateway(request), errors.internal(rid))

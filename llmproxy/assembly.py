@@ -33,6 +33,7 @@ from llmproxy.cache.redis import RedisBackend
 from llmproxy.cache.store import CacheBackend, ResponseCache
 from llmproxy.config import Config, Upstream
 from llmproxy.errors import APIError
+from llmproxy.files import Files
 from llmproxy.limits import Limiter, MemoryLimiter, RedisLimiter
 from llmproxy.metrics import Metrics
 from llmproxy.operations import Operations, Process, Worker
@@ -216,7 +217,8 @@ class LiveGateway:
         process = Process(self.site, self.worker, self.redis, self.reload_fleet)
         operations = Operations(router, self.cache, self.metrics, auth, process, shared.limiter)
         site = self.site
-        site.resource = Gateway(pipeline, responses, operations).app.resource()
+        files = Files(responses, auth, router, attempts, config.files_upstream)
+        site.resource = Gateway(pipeline, responses, operations, files).app.resource()
         site.max_body_bytes = config.server.max_body_bytes
         site.max_inflight = config.server.max_inflight
         site.send_timeout = config.server.send_timeout

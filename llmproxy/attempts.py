@@ -13,14 +13,14 @@ and no usable target at all is a 503.  Each attempt's outcome is counted here
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import IO, Protocol
 
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from llmproxy import errors
-from llmproxy.answers import Inspector, error_of, is_event_stream
+from llmproxy.answers import Inspector, error_of, is_event_stream, is_piped
 from llmproxy.config import Target
 from llmproxy.failures import Kind, UpstreamFailure
 from llmproxy.metrics import Metrics
@@ -34,7 +34,7 @@ from llmproxy.upstream.forwarder import Forwarder
 class Forwardable(Relayable, Protocol):
     """A call the failover loop can send: its request and the body each target gets."""
 
-    def body_for(self, target: Target) -> bytes | None: ...
+    def body_for(self, target: Target) -> bytes | IO[bytes] | None: ...
 
 
 class Attempts:
@@ -75,12 +75,14 @@ class Attempts:
                         continue
                     break
                 with exchange:
-                    if data is None:
-                        relayed = await self.relay.stream(call, exchange, sink, inspector, record)
-                    else:
+                    if data is not None:
                         relayed = await self.relay.answer(
                             call, exchange, data, sink, inspector, record
                         )
+                    elif is_piped(exchange.headers):
+                        relayed = await self.relay.pipe(call, exchange, sink, inspector)
+                    else:
+                        relayed = await self.relay.stream(call, exchange, sink, inspector, record)
                 await self._ended(call, attempt, relayed.broke)
                 return relayed
         if last is None:
@@ -94,7 +96,8 @@ class Attempts:
     async def _open(self, call: Forwardable, attempt: Attempt) -> tuple[Exchange, bytes | None]:
         """
         The exchange once its 2xx headers are in, and its body when it is not a
-        stream (a body that fails before it is whole can still fail over).
+        stream or piped bytes (a body that fails before it is whole can still
+        fail over).
         """
         target = attempt.target
         trace = call.request.trace
@@ -104,7 +107,9 @@ class Attempts:
             exchange = await self.forwarder.open(target, call.request, call.body_for(target))
             try:
                 await attempt.answered()
-                data = None if is_event_stream(exchange.headers) else await exchange.read()
+                data = None
+                if not (is_event_stream(exchange.headers) or is_piped(exchange.headers)):
+                    data = await exchange.read()
             except BaseException:
                 exchange.close()
                 raise

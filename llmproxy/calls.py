@@ -6,19 +6,21 @@ filled in later.
 * :class:`ClientRequest`: what the HTTP layer parsed;
 * :class:`ModelCall`: a model call that admission let through (its body parsed,
   model resolved, key authorised, cache controls read);
-* :class:`ResponseObjectCall`: a call on a stored Responses API object.
+* :class:`ObjectCall`: a call on an object an upstream keeps (a Responses API
+  response, a file, a batch), or one that makes it (an upload, a batch).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import IO, Any
 
 import attrs
 
 from llmproxy.auth import Principal
 from llmproxy.body import rewrite_body
 from llmproxy.config import Model, Target
+from llmproxy.forms import Upload
 from llmproxy.trace import Trace
 
 
@@ -38,6 +40,8 @@ class ClientRequest:
     body: bytes = b""
     #: The API it speaks: ``openai``, or ``anthropic`` (the Messages API).
     api: str = "openai"
+    #: A multipart/form-data body, spooled (``body`` is then empty).
+    upload: Upload | None = attrs.field(default=None, eq=False, repr=False)
     #: What the request did, for its log record (shared with the HTTP request).
     trace: Trace = attrs.field(factory=lambda: Trace(0.0), eq=False, repr=False)
 
@@ -70,11 +74,14 @@ class ModelCall:
     def endpoint(self) -> str:
         return self.request.endpoint
 
-    def body_for(self, target: Target) -> bytes:
+    def body_for(self, target: Target) -> bytes | IO[bytes]:
         """
         The body as ``target`` gets it: its model name, no proxy-only ``cache``
         field, and ``stream_options.include_usage`` when the usage is forced.
+        A form is sent from its spool, its ``model`` field alone rewritten.
         """
+        if self.request.upload is not None:
+            return self.request.upload.body(target.model or None)
         options = None
         if self.forced_usage:
             given = self.payload.get("stream_options")
@@ -83,16 +90,23 @@ class ModelCall:
 
 
 @attrs.frozen
-class ResponseObjectCall:
-    """``GET``/``DELETE /responses/{id}``, ``/cancel`` or ``/input_items``."""
+class ObjectCall:
+    """
+    A call on a stored object (``GET /responses/{id}``, ``DELETE
+    /files/{id}``, ``POST /batches/{id}/cancel``...), or one that makes one
+    (``POST /files``, ``POST /batches``): its body goes as it came.
+    """
 
     request: ClientRequest
-    response_id: str
+    #: The object's id ("" for a call that makes one, or lists them).
+    object_id: str
     principal: Principal
 
     @property
     def endpoint(self) -> str:
         return self.request.endpoint
 
-    def body_for(self, target: Target) -> None:
-        return None
+    def body_for(self, target: Target) -> bytes | IO[bytes] | None:
+        if self.request.upload is not None:
+            return self.request.upload.body()
+        return self.request.body or None

@@ -281,6 +281,9 @@ class Config:
     cache: Cache = Cache()
     auth: Auth = Auth()
     access_log: AccessLog | None = None
+    #: ``files.upstream``: where uploads (``POST /v1/files``) go, and so their
+    #: batches (None: no upstream serves the OpenAI API).
+    files_upstream: str | None = None
     source: str = ""
 
     def secrets(self) -> tuple[str, ...]:
@@ -813,7 +816,23 @@ _TOP = (
     "cache",
     "auth",
     "access_log",
+    "files",
 )
+
+
+def _files_upstream(raw: object, path: str, upstreams: Mapping[str, Upstream]) -> str:
+    s = _Section(raw, path, ("upstream",))
+    name = s.require("upstream", _string)
+    if name not in upstreams:
+        raise ConfigError(s.path_of("upstream"), f"no upstream named '{name}'")
+    if "openai" not in upstreams[name].apis:
+        raise ConfigError(s.path_of("upstream"), f"'{name}' does not serve the openai API")
+    return name
+
+
+def _default_files_upstream(upstreams: Mapping[str, Upstream]) -> str | None:
+    """The first upstream that serves the OpenAI API, in config order."""
+    return next((name for name, u in upstreams.items() if "openai" in u.apis), None)
 
 
 def parse_config(raw: object, environ: Mapping[str, str] | None = None, source: str = "") -> Config:
@@ -846,6 +865,11 @@ def parse_config(raw: object, environ: Mapping[str, str] | None = None, source: 
         cache=cache,
         auth=top.get("auth", lambda v, p: _auth(v, p, models), Auth()),
         access_log=top.get("access_log", _access_log, None),
+        files_upstream=top.get(
+            "files",
+            lambda v, p: _files_upstream(v, p, upstreams),
+            _default_files_upstream(upstreams),
+        ),
         source=source,
     )
 

@@ -152,6 +152,14 @@ def response_not_found(response_id: str) -> APIError:
     )
 
 
+def file_not_found(file_id: str) -> APIError:
+    return APIError(404, f"No such File object: {file_id[:100]}", param="file_id")
+
+
+def batch_not_found(batch_id: str) -> APIError:
+    return APIError(404, f"No such Batch object: {batch_id[:100]}", param="batch_id")
+
+
 def route_not_found(path: str) -> APIError:
     return APIError(404, f"Unknown route: {path}", code="not_found")
 

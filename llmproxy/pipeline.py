@@ -94,7 +94,10 @@ class Pipeline:
         and what its admission took (to be released when it is over).
         """
         principal = self.auth.authenticate(bearer_token(request.headers))
-        payload = parse_body(request.body)
+        if request.upload is not None:
+            payload = request.upload.payload()
+        else:
+            payload = parse_body(request.body)
         name = check_fields(payload)
         model = self.router.model(name)
         if model is None:

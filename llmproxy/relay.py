@@ -234,6 +234,35 @@ class Relay:
             return Relayed()
         return _recorded(recording, inspector, sink, exchange.target)
 
+    async def pipe(
+        self, call: Relayable, exchange: Exchange, sink: ClientSink, inspector: Inspector
+    ) -> Relayed:
+        """
+        Raw bytes (audio, a file's content), relayed as they arrive with
+        backpressure and never held, nor cached.  Bytes cannot say they were
+        cut short: a cut closes the client's connection mid-body instead, so
+        the client sees an incomplete chunked body, never a whole-looking one.
+        """
+        inspector.answered = True
+        sink.start(exchange.status, _passed_headers(call, exchange.client_headers()))
+
+        def on_data(data: bytes) -> None:
+            inspector.body_bytes += len(data)
+            sink.write(data)
+
+        done = exchange.pipe(on_data)
+        assert exchange.producer is not None
+        sink.register_producer(exchange.producer)
+        try:
+            await done  # a cancellation propagates: the caller closes the exchange
+        except UpstreamFailure as failure:
+            sink.abort()
+            return Relayed(broke=failure)
+        finally:
+            if not sink.gone:
+                sink.unregister_producer()
+        return Relayed()
+
     async def _pump(
         self,
         exchange: Exchange,

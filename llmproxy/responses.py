@@ -13,13 +13,15 @@ one tenant and routes unknown ids normally.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import attrs
 
 from llmproxy import errors
 from llmproxy.answers import Inspector
 from llmproxy.attempts import Attempts
 from llmproxy.auth import Authenticator, Principal, bearer_token
-from llmproxy.calls import ClientRequest, ResponseObjectCall
+from llmproxy.calls import ClientRequest, ObjectCall
 from llmproxy.config import Model, Target
 from llmproxy.routing.affinity import AffinityStore, Pin, valid_response_id
 from llmproxy.routing.router import Router
@@ -39,14 +41,14 @@ class Responses:
         """A call on a stored response: to the target that made it."""
         principal = self.auth.authenticate(bearer_token(request.headers))
         # Checked before the id goes into the upstream URL.
-        pin = await self._owned(principal, response_id, "response_id")
+        pin = await self.owned(principal, response_id, "response_id")
         if pin is None:
             target = self._only_target(response_id)
         elif await self.router.usable_now(pin.target):
             target = pin.target
         else:
             raise self._unavailable(response_id)
-        call = ResponseObjectCall(request, response_id, principal)
+        call = ObjectCall(request, response_id, principal)
         plan = await self.router.single(target)
         await self.attempts.forward(call, plan, sink, Inspector(request.endpoint))
 
@@ -55,7 +57,7 @@ class Responses:
         The target of ``model`` that made ``previous`` (a ``previous_response_id``),
         or None when an open proxy does not know it (expired, restarted): route normally.
         """
-        pin = await self._owned(principal, previous, "previous_response_id")
+        pin = await self.owned(principal, previous, "previous_response_id")
         if pin is None:
             return None
         for target in model.targets:
@@ -69,17 +71,27 @@ class Responses:
             param="previous_response_id",
         )
 
-    async def _owned(self, principal: Principal, response_id: str, param: str) -> Pin | None:
-        """The pin of a response id the caller may use (None: unknown to an open proxy)."""
-        if not valid_response_id(response_id):
-            raise attrs.evolve(errors.response_not_found(response_id), param=param)
-        pin = await self.affinity.recall(response_id)
+    async def owned(
+        self,
+        principal: Principal,
+        object_id: str,
+        param: str,
+        missing: Callable[[str], errors.APIError] = errors.response_not_found,
+    ) -> Pin | None:
+        """
+        The pin of an object id (a response's, a file's, a batch's) the caller
+        may use: None when an open proxy does not know it; ``missing`` (a 404)
+        when it is not the caller's, or the proxy never handed it out.
+        """
+        if not valid_response_id(object_id):
+            raise attrs.evolve(missing(object_id), param=param)
+        pin = await self.affinity.recall(object_id)
         if pin is not None and pin.target.upstream not in self.router.upstreams:
             pin = None  # made by an upstream that is no longer configured
         if self.auth.open:
             return pin
         if pin is None or pin.owner != principal.name:
-            raise attrs.evolve(errors.response_not_found(response_id), param=param)
+            raise attrs.evolve(missing(object_id), param=param)
         return pin
 
     def _only_target(self, response_id: str) -> Target:

@@ -33,9 +33,9 @@ class ClientSink(Protocol):
 
     def unregister_producer(self) -> None: ...
 
-
-class DroppableSink(ClientSink, Protocol):
-    """One client's connection, which can be dropped (a flight drops a stuck follower)."""
-
     def abort(self) -> None:
         """Drop the client's connection now, without flushing what is buffered."""
+
+
+class DroppableSink(ClientSink, Protocol):
+    """One client's connection (a flight drops a stuck follower by :meth:`abort`)."""

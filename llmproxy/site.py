@@ -55,6 +55,7 @@ from zope.interface import implementer
 
 from llmproxy import errors
 from llmproxy.channel import GatewayChannel
+from llmproxy.forms import FormReader, reader_for
 from llmproxy.trace import Trace
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
@@ -232,6 +233,14 @@ _ANTHROPIC_PATH = re.compile(rb"^(/v1)?/messages(/|$)")
 _MODELS_PATH = re.compile(rb"^(/v1)?/models(/|$)")
 
 
+def _api(request: GatewayRequest) -> str:
+    # Before requestReceived (a body refused as it is announced) only the
+    # channel has the path.
+    path = getattr(request, "path", None) or getattr(request.channel, "_path", b"") or b""
+    version = request.requestHeaders.hasHeader(b"anthropic-version")
+    return api_of(path.partition(b"?")[0], version)
+
+
 def api_of(path: bytes, anthropic_version: bool) -> str:
     """
     The API a request speaks, which shapes its errors: Anthropic's for the
@@ -255,6 +264,8 @@ class GatewayRequest(Request):
     bytes_out = 0
     _rejected = False
     _send_timer: SendTimer | None = None
+    #: Reads a multipart/form-data body as it arrives (see :mod:`llmproxy.forms`).
+    form_reader: FormReader | None = None
 
     @property
     def _site(self) -> GatewaySite:
@@ -271,10 +282,7 @@ class GatewayRequest(Request):
     @property
     def api(self) -> str:
         """The API this request speaks (see :func:`api_of`)."""
-        # Before requestReceived (a body refused as it is announced) only the
-        # channel has the path.
-        path = getattr(self, "path", None) or getattr(self.channel, "_path", b"") or b""
-        return api_of(path.partition(b"?")[0], self.requestHeaders.hasHeader(b"anthropic-version"))
+        return _api(self)
 
     def process(self) -> None:
         """Every request, before any route: its id, the default headers, its count."""
@@ -338,6 +346,7 @@ class GatewayRequest(Request):
             self.requestHeaders.removeHeader(b"expect")
             self._reject()
             return
+        self.form_reader = reader_for(self.requestHeaders.getRawHeaders(b"content-type"))
         super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
@@ -347,6 +356,8 @@ class GatewayRequest(Request):
         if self.bytes_in > self._site.max_body_bytes:
             self._reject()
             return
+        if self.form_reader is not None:
+            self.form_reader.feed(data)  # a form is read as it arrives (llmproxy.forms)
         super().handleContentChunk(data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:

@@ -195,6 +195,12 @@ class Flight:
                     continue
             follower.sink.write(data)
 
+    def abort(self) -> None:
+        """An answer that cannot end cleanly: every client's connection is dropped."""
+        self.joinable = False
+        for follower in list(self.followers):
+            follower.sink.abort()
+
     def register_producer(self, producer: IPushProducer) -> None:
         self.upstream = producer
         for follower in self.followers:

@@ -28,7 +28,9 @@ from llmproxy.redisclient import RedisUnavailable
 from llmproxy.sink import ClientSink
 
 #: POST endpoints whose answers may be cached.
-CACHEABLE = frozenset({"chat/completions", "completions", "embeddings", "responses", "messages"})
+CACHEABLE = frozenset(
+    {"chat/completions", "completions", "embeddings", "responses", "messages", "moderations"}
+)
 #: Request headers that change an answer, and so are part of its key.
 KEYED_HEADERS = ("anthropic-version", "anthropic-beta")
 #: Answers larger than this are never recorded: neither stored nor replayed to

@@ -18,6 +18,32 @@ with an ``anthropic-version`` header.  There the key must come as ``x-api-key`` 
 is ``{"type": "error", "error": {"type": ..., "message": ...}}`` (the ``status`` knob's
 default body too) and answers carry a ``request-id`` header.
 
+And the rest of the OpenAI surface (shapes in :mod:`llmproxy.testing.media`)::
+
+    POST   /v1/audio/speech              JSON; binary audio (``media.speech_bytes`` of
+                                         input, voice, format), streamed 16 KiB a turn
+    POST   /v1/audio/transcriptions      multipart (file, model, response_format json |
+    POST   /v1/audio/translations        text | verbose_json | srt | vtt, stream): the
+                                         text names the file's sha256 and the model;
+                                         ``stream=true``: ``transcript.text.delta``...,
+                                         ``transcript.text.done``
+    POST   /v1/images/generations        JSON; ``n`` PNGs as ``b64_json`` or ``url``
+    POST   /v1/images/edits              multipart (image, prompt, model, n); the
+                                         image's sha256 in ``revised_prompt``
+    POST   /v1/moderations               deterministic scores per input
+    POST   /v1/files                     multipart (file, purpose); GET lists them
+                                         (``purpose``, ``limit``, ``order``, ``after``)
+    GET    /v1/files/{id}, DELETE too    the file object; ``/content`` its bytes
+    POST   /v1/batches                   its ``input_file_id`` must be a ``batch`` file
+                                         of this instance; GET lists them
+    GET    /v1/batches/{id}              ``POST .../cancel``: ``cancelling``, then
+                                         ``cancelled``
+
+Files and batches exist only on the instance that made them; an unknown id is a 404
+``No such File object: <id>``.  A multipart request's knobs come only from
+``POST /_mock/config``; the log keeps its form (a file as name, size and sha256) and
+``"body": "<multipart N bytes>"``.
+
 Fault knobs, for tests, come from ``POST /_mock/config`` (every later request) or
 from a ``mock`` object in the request body (that request only)::
 
@@ -59,8 +85,9 @@ from a ``mock`` object in the request body (that request only)::
                             some servers do
 
 What it saw is at ``GET /_mock/requests``; counters (requests, streams,
-disconnects, pauses, resets, bytes) at ``GET /_mock/stats``; ``POST /_mock/release``
-lets gated requests go; ``POST /_mock/reset`` clears the log, counters and config.
+disconnects, pauses, resets, bytes streamed and received) at ``GET /_mock/stats``;
+``POST /_mock/release`` lets gated requests go; ``POST /_mock/reset`` clears the log,
+counters and config.
 """
 
 from __future__ import annotations
@@ -73,6 +100,7 @@ import json
 import socket
 import struct
 import time
+from functools import partial
 from typing import Any
 
 from klein import Klein
@@ -83,6 +111,7 @@ from twisted.web.server import Request as IRequest
 from zope.interface import implementer
 
 import llmproxy.testing.anthropic as anthropic
+import llmproxy.testing.media as media
 
 JSONDict = dict[str, Any]
 
@@ -313,6 +342,7 @@ class MockUpstream:
     """The mock server.  ``name`` shows in replies so tests see who answered."""
 
     app = Klein()
+    sse = staticmethod(_sse)
 
     def __init__(self, reactor: IReactorTime, name: str = "mock", api_key: str | None = None):
         self.reactor = reactor
@@ -323,6 +353,8 @@ class MockUpstream:
         self.stored: dict[str, JSONDict] = {}
         self.gated: list[Deferred[None]] = []
         self.stats: dict[str, int] = {}
+        self.files = media.FileStore(reactor)
+        self.batches = media.BatchStore(reactor, self.files)
         self.reset()
 
     def reset(self) -> None:
@@ -333,28 +365,35 @@ class MockUpstream:
             0,
         )
         self.stats["bytes_streamed"] = 0
+        self.stats["bytes_received"] = 0
 
     # -- plumbing ------------------------------------------------------------------
 
     def _record(self, request: IRequest) -> tuple[JSONDict, JSONDict]:
-        """Log the request; return its JSON body and the knobs for it."""
-        raw = request.content.read() if request.content is not None else b""
-        try:
-            body = json.loads(raw) if raw else {}
-        except ValueError:
-            body = {}
-        if not isinstance(body, dict):
-            body = {}
+        """Log the request; return its JSON body (or multipart form) and the knobs for it."""
+        content_type = request.getHeader("content-type") or ""
+        form = media.read_form(request, content_type) if media.is_multipart(content_type) else None
+        if form is not None:
+            body, logged, size = form
+        else:
+            raw = request.content.read() if request.content is not None else b""
+            try:
+                parsed: Any = json.loads(raw) if raw else {}
+            except ValueError:
+                parsed = None
+            logged, size = {"body": media.logged_body(raw, parsed is not None)}, len(raw)
+            body = parsed if isinstance(parsed, dict) else {}
         headers = self._headers(request)
         self.received.append(
             {
                 "method": request.method.decode(),
                 "path": request.path.decode(),
                 "headers": headers,
-                "body": raw.decode("utf-8", "replace"),
+                **logged,
             }
         )
         self.stats["requests"] += 1
+        self.stats["bytes_received"] += size
         knobs = dict(self.config)
         if isinstance(body.get("mock"), dict):
             knobs.update(body["mock"])
@@ -893,6 +932,68 @@ class MockUpstream:
         failure = str(knobs["error_chunk"]) if knobs.get("error_chunk") else None
         events = anthropic.stream(start, pieces, stop, used, failure)
         return self._stream(request, [_sse(e, e["type"]) for e in events], knobs)
+
+    # -- audio, images, moderations, files, batches (in llmproxy.testing.media) -----
+
+    @app.route("/v1/audio/speech", methods=["POST"])
+    def audio_speech(self, request: IRequest) -> Any:
+        return self._serve(request, partial(media.speech, self))
+
+    @app.route("/v1/audio/transcriptions", methods=["POST"])
+    def audio_transcriptions(self, request: IRequest) -> Any:
+        return self._serve(request, partial(media.transcribe, self))
+
+    @app.route("/v1/audio/translations", methods=["POST"])
+    def audio_translations(self, request: IRequest) -> Any:
+        return self._serve(request, partial(media.transcribe, self, task="translate"))
+
+    @app.route("/v1/images/generations", methods=["POST"])
+    def image_generations(self, request: IRequest) -> Any:
+        return self._serve(request, partial(media.images, self))
+
+    @app.route("/v1/images/edits", methods=["POST"])
+    def image_edits(self, request: IRequest) -> Any:
+        return self._serve(request, partial(media.images, self))
+
+    @app.route("/v1/moderations", methods=["POST"])
+    def moderations(self, request: IRequest) -> Any:
+        return self._serve(request, partial(media.moderations, self))
+
+    @app.route("/v1/files", methods=["POST"])
+    def upload_file(self, request: IRequest) -> Any:
+        return self._serve(request, partial(media.create_file, self))
+
+    @app.route("/v1/files", methods=["GET"])
+    def list_files(self, request: IRequest) -> Any:
+        return self._serve(request, partial(media.list_files, self))
+
+    @app.route("/v1/files/<string:file_id>", methods=["GET"])
+    def file_info(self, request: IRequest, file_id: str) -> Any:
+        return self._serve(request, partial(media.file_info, self, file_id))
+
+    @app.route("/v1/files/<string:file_id>/content", methods=["GET"])
+    def file_content(self, request: IRequest, file_id: str) -> Any:
+        return self._serve(request, partial(media.file_content, self, file_id))
+
+    @app.route("/v1/files/<string:file_id>", methods=["DELETE"])
+    def delete_file(self, request: IRequest, file_id: str) -> Any:
+        return self._serve(request, partial(media.delete_file, self, file_id))
+
+    @app.route("/v1/batches", methods=["POST"])
+    def create_batch(self, request: IRequest) -> Any:
+        return self._serve(request, partial(media.create_batch, self))
+
+    @app.route("/v1/batches", methods=["GET"])
+    def list_batches(self, request: IRequest) -> Any:
+        return self._serve(request, partial(media.list_batches, self))
+
+    @app.route("/v1/batches/<string:batch_id>", methods=["GET"])
+    def batch_info(self, request: IRequest, batch_id: str) -> Any:
+        return self._serve(request, partial(media.batch_info, self, batch_id))
+
+    @app.route("/v1/batches/<string:batch_id>/cancel", methods=["POST"])
+    def cancel_batch(self, request: IRequest, batch_id: str) -> Any:
+        return self._serve(request, partial(media.cancel_batch, self, batch_id))
 
     # -- control surface for tests -------------------------------------------------
 

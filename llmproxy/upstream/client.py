@@ -60,7 +60,7 @@ class UpstreamClient(Protocol):
         url: str,
         *,
         headers: Headers,
-        data: bytes | None = None,
+        data: bytes | IBodyProducer | None = None,
         unbuffered: bool = False,
         allow_redirects: bool = True,
     ) -> Deferred[Any]: ...
@@ -136,9 +136,16 @@ class BytesProducer:
         pass
 
 
+def body_producer(data: Any) -> IBodyProducer:
+    """A request body as treq sends it: a producer as it is (a spooled form), bytes at once."""
+    if IBodyProducer.providedBy(data):
+        return data
+    return BytesProducer(data)
+
+
 def upstream_client(agent: IAgent) -> HTTPClient:
     """treq over ``agent``, keeping no cookies (treq's default jar keeps all)."""
-    return HTTPClient(agent, cookiejar=NoCookies(), data_to_body_producer=BytesProducer)
+    return HTTPClient(agent, cookiejar=NoCookies(), data_to_body_producer=body_producer)
 
 
 def peer_closed(reason: BaseException) -> bool:

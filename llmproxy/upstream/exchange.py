@@ -331,6 +331,14 @@ class Exchange:
 
         return self._receive(on_data)
 
+    def pipe(self, on_data: Callable[[bytes], None]) -> Deferred[None]:
+        """
+        Deliver a body that is neither JSON nor events (audio, a file's bytes)
+        chunk by chunk as it arrives, never held; fires when it ends cleanly.
+        Each chunk is redacted alone (a secret split across two is not seen).
+        """
+        return self._receive(lambda data: on_data(self.redact(data)))
+
     def rest(self) -> bytes:
         """After :meth:`stream` ended: the bytes of an event the upstream never finished."""
         return self.redact(self._parser.pending()) if self._parser is not None else b""

@@ -24,21 +24,24 @@ which is a ``CancelledError``.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import IO
 
 import attrs
 from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, DeferredSemaphore
 from twisted.internet.defer import TimeoutError as DeferTimeoutError
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import Cooperator
 from twisted.python.failure import Failure
 from twisted.web.client import (
+    FileBodyProducer,
     RequestNotSent,
     RequestTransmissionFailed,
     ResponseFailed,
     ResponseNeverReceived,
 )
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import IBodyProducer, IResponse
 
 from llmproxy import errors
 from llmproxy.calls import ClientRequest
@@ -92,6 +95,42 @@ class QueueTimeout(UpstreamFailure):
         return errors.overloaded(f"The upstream is busy ({self.message}); try again shortly.")
 
 
+def request_headers(
+    upstream: Upstream,
+    client: Mapping[str, str],
+    request_id: str,
+    content_type: str | None,
+    api: str = errors.OPENAI,
+) -> Headers:
+    """What an upstream is sent: a few of the client's headers, then the upstream's own."""
+    headers: dict[str, list[str]] = {}
+    passed = REQUEST_HEADERS + (ANTHROPIC_HEADERS if api == errors.ANTHROPIC else ())
+    for name in passed:
+        if name in client:
+            headers[name] = [client[name]]
+    headers["x-request-id"] = [request_id]
+    for name, value in upstream.headers.items():
+        headers[name] = [value]
+    if upstream.api_key and api == errors.ANTHROPIC:
+        headers["x-api-key"] = [upstream.api_key]
+    elif upstream.api_key:
+        headers["authorization"] = [f"Bearer {upstream.api_key}"]
+    if content_type is not None:
+        headers["content-type"] = [content_type]
+    return Headers(headers)
+
+
+def probe_headers(upstream: Upstream) -> Headers:
+    """
+    A health check authenticates as OpenAI's API does, unless its upstream
+    serves only Anthropic's, which also wants to know the API version.
+    """
+    if errors.OPENAI in upstream.apis:
+        return request_headers(upstream, {}, "health-check", None)
+    asked = {"anthropic-version": ANTHROPIC_VERSION}
+    return request_headers(upstream, asked, "health-check", None, errors.ANTHROPIC)
+
+
 def connection_slots(upstreams: Mapping[str, Upstream]) -> dict[str, DeferredSemaphore]:
     """One semaphore of ``max_connections`` per upstream."""
     return {name: DeferredSemaphore(u.max_connections) for name, u in upstreams.items()}
@@ -119,33 +158,12 @@ class Forwarder:
         #: :class:`~llmproxy.assembly.LiveGateway`), so two configs' requests
         #: share one bound.
         self._slots = dict(slots) if slots is not None else connection_slots(upstreams)
+        #: What paces spooled bodies (a form upload) into upstream connections.
+        self._cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
 
-    def build_headers(
-        self,
-        upstream: Upstream,
-        client: Mapping[str, str],
-        request_id: str,
-        has_body: bool,
-        api: str = errors.OPENAI,
-    ) -> Headers:
-        """What an upstream is sent: a few of the client's headers, then the upstream's own."""
-        headers: dict[str, list[str]] = {}
-        passed = REQUEST_HEADERS + (ANTHROPIC_HEADERS if api == errors.ANTHROPIC else ())
-        for name in passed:
-            if name in client:
-                headers[name] = [client[name]]
-        headers["x-request-id"] = [request_id]
-        for name, value in upstream.headers.items():
-            headers[name] = [value]
-        if upstream.api_key and api == errors.ANTHROPIC:
-            headers["x-api-key"] = [upstream.api_key]
-        elif upstream.api_key:
-            headers["authorization"] = [f"Bearer {upstream.api_key}"]
-        if has_body:
-            headers["content-type"] = ["application/json"]
-        return Headers(headers)
-
-    async def open(self, target: Target, request: ClientRequest, body: bytes | None) -> Exchange:
+    async def open(
+        self, target: Target, request: ClientRequest, body: bytes | IO[bytes] | None
+    ) -> Exchange:
         """
         Send ``request`` to ``target`` with ``body`` and wait for the response
         headers.  A 2xx answer comes back as an :class:`Exchange` (the body still
@@ -157,13 +175,25 @@ class Forwarder:
         url = upstream.base_url + request.path
         if request.query:
             url += "?" + request.query.decode("ascii")
-        headers = self.build_headers(
-            upstream, request.headers, request.request_id, body is not None, request.api
+        # A form keeps its own type: its boundary says where the parts are.
+        content_type = request.upload.content_type if request.upload else "application/json"
+        headers = request_headers(
+            upstream,
+            request.headers,
+            request.request_id,
+            content_type if body is not None else None,
+            request.api,
         )
+        data: bytes | IBodyProducer | None = None
+        if isinstance(body, bytes):
+            data = body
+        elif body is not None:
+            # A spooled form, read as the connection takes it, on our reactor.
+            data = FileBodyProducer(body, self._cooperator)
         deadline = self.reactor.seconds() + upstream.timeouts.total
         slot = await self._slot(upstream)
         try:
-            response = await self._send(upstream, request.method, url, headers, body, deadline)
+            response = await self._send(upstream, request.method, url, headers, data, deadline)
         except BaseException:
             slot.release()
             raise
@@ -199,7 +229,7 @@ class Forwarder:
         method: str,
         url: str,
         headers: Headers,
-        body: bytes | None,
+        body: bytes | IBodyProducer | None,
         deadline: float,
     ) -> IResponse:
         """The response headers, within ``first_byte`` (and the total deadline)."""
@@ -251,23 +281,13 @@ class Forwarder:
             retry_after=parse_retry_after(headers),
         )
 
-    def _probe_headers(self, upstream: Upstream) -> Headers:
-        """
-        A health check authenticates as OpenAI's API does, unless its upstream
-        serves only Anthropic's, which also wants to know the API version.
-        """
-        if errors.OPENAI in upstream.apis:
-            return self.build_headers(upstream, {}, "health-check", False)
-        asked = {"anthropic-version": ANTHROPIC_VERSION}
-        return self.build_headers(upstream, asked, "health-check", False, errors.ANTHROPIC)
-
     async def probe(self, name: str, path: str, timeout: float) -> bool:
         """An active health check: does ``GET {base_url}{path}`` answer 2xx in time?"""
         upstream = self.upstreams[name]
         request = self.clients[name].request(
             "GET",
             upstream.base_url + path,
-            headers=self._probe_headers(upstream),
+            headers=probe_headers(upstream),
             unbuffered=True,
             allow_redirects=False,
         )
