@@ -374,8 +374,9 @@ class Gateway(ObjectRoutes, ErrorPages):
 
     @route(app, "/models/<path:model_id>", ["GET"], "models/get")
     async def model(self, request: GatewayRequest, model_id: str) -> bytes:
-        if model_id not in self.pipeline.models(_headers(request), request.api):
-            raise errors.model_not_found(model_id)
+        usable = self.pipeline.models(_headers(request), request.api)
+        if model_id not in usable:
+            raise errors.model_not_found(model_id, usable)
         return _json(request, _model_object(model_id, request.api))
 
     # -- operations ------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import attrs
 
@@ -122,13 +122,20 @@ def forbidden(message: str, code: str = "model_not_allowed") -> APIError:
     return APIError(403, message, type="permission_error", code=code)
 
 
-def model_not_found(model: str) -> APIError:
-    return APIError(
-        404,
-        f"The model '{model}' does not exist or you do not have access to it.",
-        param="model",
-        code="model_not_found",
-    )
+#: At most this many model names are listed in a 404 for an unknown model.
+LISTED_MODELS = 20
+
+
+def model_not_found(model: str, available: Sequence[str] | None = None) -> APIError:
+    """An unknown model; ``available``, when given, the names the caller may use."""
+    message = f"The model '{model[:200]}' does not exist or you do not have access to it."
+    if available is not None:
+        shown = ", ".join(available[:LISTED_MODELS])
+        more = (
+            f" and {len(available) - LISTED_MODELS} more" if len(available) > LISTED_MODELS else ""
+        )
+        message += f" Models you may use: {shown}{more}." if available else " You may use none."
+    return APIError(404, message, param="model", code="model_not_found")
 
 
 def model_not_served(model: str, api: str) -> APIError:

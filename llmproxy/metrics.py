@@ -24,10 +24,20 @@ from collections.abc import Callable, Iterator, Mapping
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client import Counter as PromCounter
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.samples import Sample
+
+# A ``_created`` series beside every counter and histogram doubles what is
+# scraped and stored, for a timestamp no dashboard of ours reads.
+disable_created_metrics()
 
 if TYPE_CHECKING:
     from llmproxy.answers import Usage

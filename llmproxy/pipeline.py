@@ -21,7 +21,7 @@ from llmproxy import errors
 from llmproxy.accounting import Accountant
 from llmproxy.answers import Inspector
 from llmproxy.attempts import Attempts
-from llmproxy.auth import Authenticator, bearer_token
+from llmproxy.auth import Authenticator, Principal, bearer_token
 from llmproxy.body import check_fields, parse_body, wants_usage
 from llmproxy.cache.keys import parse_controls
 from llmproxy.cache.store import CacheDecision, ResponseCache, Verdict, announce
@@ -101,7 +101,7 @@ class Pipeline:
         name = check_fields(payload)
         model = self.router.model(name)
         if model is None:
-            raise errors.model_not_found(name)
+            raise errors.model_not_found(name, self._usable(principal, request.api))
         if not model.serves(request.api):
             raise errors.model_not_served(name, request.api)
         model = model.serving(request.api)  # only the targets that speak this API
@@ -138,7 +138,9 @@ class Pipeline:
 
     def models(self, headers: Mapping[str, str], api: str) -> list[str]:
         """The public models the caller may use through ``api``, in config order."""
-        principal = self.auth.authenticate(bearer_token(headers))
+        return self._usable(self.auth.authenticate(bearer_token(headers)), api)
+
+    def _usable(self, principal: Principal, api: str) -> list[str]:
         return [
             name
             for name, model in self.router.models.items()
