@@ -107,9 +107,7 @@ def format_text(record: Record) -> bytes:
 
 
 def _dumps(value: object) -> str:
-    return json.dumps(
-        value, ensure_ascii=True, separators=(",", ":"), allow_nan=False, default=_text
-    )
+    return _ENCODER.encode(value)
 
 
 def _json_safe(value: object) -> object:
@@ -130,6 +128,12 @@ def _text(value: object) -> str:
             return repr(value)
         except Exception:  # noqa: BLE001
             return f"<unprintable {type(value).__name__}>"
+
+
+#: One encoder for every record (``json.dumps`` with options builds one per call).
+_ENCODER = json.JSONEncoder(
+    ensure_ascii=True, separators=(",", ":"), allow_nan=False, default=_text
+)
 
 
 _PLAIN = re.compile(r'[^ "=]+')

@@ -37,7 +37,7 @@ from llmproxy.config import Config, parse_yaml
 from llmproxy.redisclient import SharedRedis
 from llmproxy.routing.router import Router
 from llmproxy.testing.mock import MockUpstream
-from llmproxy.upstream.client import UpstreamClient, upstream_client
+from llmproxy.upstream.client import AgentClient, UpstreamClient, upstream_client
 
 T = TypeVar("T")
 
@@ -209,7 +209,7 @@ class Harness:
         }
         # The proxy's real client (no cookie jar) over each mock's in-memory agent.
         wired: dict[str, UpstreamClient] = {
-            name: upstream_client(agent) for name, agent in self.upstreams.items()
+            name: AgentClient(agent) for name, agent in self.upstreams.items()
         }
         clients = {**wired, **(clients or {})}
         assembly = build_gateway(self.config, self.clock, clients, redis)

@@ -214,6 +214,10 @@ class Forwarder:
     async def _slot(self, upstream: Upstream) -> Slot:
         """A free connection to ``upstream``, waited for no longer than its queue_timeout."""
         semaphore = self._slots[upstream.name]
+        if semaphore.tokens > 0:
+            # A free one: take it now, with no timer to arm and cancel.
+            semaphore.tokens -= 1
+            return Slot(semaphore.release)
         wait = min(upstream.queue_timeout, upstream.timeouts.total)
         try:
             await semaphore.acquire().addTimeout(wait, self.reactor)
