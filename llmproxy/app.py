@@ -36,6 +36,7 @@ from llmproxy.operations import Caller, Operations
 from llmproxy.pipeline import Pipeline
 from llmproxy.responses import Responses
 from llmproxy.site import GatewayRequest, RequestSink, set_status
+from llmproxy.status import PAGE_HEADERS, EventStream, StatusView, render_page
 
 Handler = Callable[..., Awaitable[Any]]
 
@@ -217,6 +218,25 @@ class ObjectRoutes:
         await self.files.on(parsed, kind, object_id, RequestSink(request))
 
 
+class StatusRoutes:
+    """The live status page and its event stream (:mod:`llmproxy.status`), guarded as /stats."""
+
+    status: StatusView
+
+    @route(app, "/status", ["GET"], "status", v1=False)
+    async def status_page(self, request: GatewayRequest) -> bytes:
+        snapshot = await self.status.snapshot(_caller(request), history=True)
+        for name, value in PAGE_HEADERS.items():
+            request.setHeader(name, value)
+        return render_page(snapshot).encode("utf-8")
+
+    @route(app, "/status/events", ["GET"], "status/events", v1=False)
+    async def status_events(self, request: GatewayRequest) -> None:
+        caller = _caller(request)
+        await self.status.snapshot(caller)  # refused here, as a JSON error, not in the stream
+        await EventStream(self.status, caller, RequestSink(request)).run()
+
+
 class ErrorPages:
     """Every error, as JSON in the shape of the API called."""
 
@@ -273,7 +293,7 @@ class ErrorPages:
         return self._render_error(_gateway(request), errors.internal(rid))
 
 
-class Gateway(ObjectRoutes, ErrorPages):
+class Gateway(ObjectRoutes, StatusRoutes, ErrorPages):
     """The HTTP face of the proxy."""
 
     app = app
@@ -285,6 +305,7 @@ class Gateway(ObjectRoutes, ErrorPages):
         self.responses = responses
         self.operations = operations
         self.files = files
+        self.status = StatusView(operations)
 
     async def _model_call(self, request: GatewayRequest) -> None:
         parsed = _with_body(request, "/" + request.endpoint)

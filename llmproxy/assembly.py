@@ -214,7 +214,7 @@ class LiveGateway:
             accountant,
             config.routing.stream_usage,
         )
-        process = Process(self.site, self.worker, self.redis, self.reload_fleet)
+        process = Process(self.site, self.worker, self.redis, self.reload_fleet, config.source)
         operations = Operations(router, self.cache, self.metrics, auth, process, shared.limiter)
         site = self.site
         files = Files(responses, auth, router, attempts, config.files_upstream)

@@ -59,6 +59,8 @@ class Process:
     redis: SharedRedis | None
     #: Re-read the config file and apply it (the JSON answer), or raise why not.
     reload: Callable[[], Awaitable[dict[str, object]]]
+    #: The config file in force ("" for the built-in default), for the status page.
+    config_source: str = ""
 
 
 class Operations:

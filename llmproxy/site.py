@@ -166,7 +166,16 @@ class InFlight:
 
 #: What an operator must always be able to reach, however busy the proxy is.
 UNREFUSED_PATHS = frozenset(
-    {b"/health", b"/health/live", b"/health/ready", b"/metrics", b"/stats", b"/admin/reload"}
+    {
+        b"/health",
+        b"/health/live",
+        b"/health/ready",
+        b"/metrics",
+        b"/stats",
+        b"/status",
+        b"/status/events",
+        b"/admin/reload",
+    }
 )
 
 

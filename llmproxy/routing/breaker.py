@@ -39,6 +39,8 @@ class SharedState:
     failures: int = 0
     trips: int = 0
     open_until: float = 0.0
+    #: The failures in a row that tripped it last (1 for a Retry-After or a probe).
+    tripped_by: int = 0
 
 
 @attrs.define
@@ -47,11 +49,17 @@ class Breaker:
     _trips: int = 0
     _open_until: float = 0.0
     _probing: bool = False
+    _tripped_by: int = 0
 
     @property
     def failures(self) -> int:
         """Failures in a row, since the last success or trip."""
         return self._failures
+
+    @property
+    def tripped_by(self) -> int:
+        """The failures in a row that tripped it last (0 while it never has, or recovered)."""
+        return self._tripped_by
 
     @property
     def open_until(self) -> float:
@@ -60,7 +68,7 @@ class Breaker:
 
     @property
     def shared(self) -> SharedState:
-        return SharedState(self._failures, self._trips, self._open_until)
+        return SharedState(self._failures, self._trips, self._open_until, self._tripped_by)
 
     def state(self, now: float) -> BreakerState:
         if self._open_until == 0.0:
@@ -82,7 +90,7 @@ class Breaker:
 
     def recovered(self) -> None:
         """The probe passed (or another process closed the breaker): healthy again."""
-        self._failures = self._trips = 0
+        self._failures = self._trips = self._tripped_by = 0
         self._open_until = 0.0
         self._probing = False
 
@@ -107,6 +115,7 @@ class Breaker:
             return
         if retry_after is not None:
             self._open_until = now + min(retry_after, cooldown.max_seconds)
+            self._tripped_by = self._failures + 1
             self._failures = 0
             return
         self._failures += 1
@@ -114,6 +123,7 @@ class Breaker:
             self._trips += 1
             seconds = min(cooldown.seconds * 2 ** (self._trips - 1), cooldown.max_seconds)
             self._open_until = now + seconds
+            self._tripped_by = self._failures
             self._failures = 0
 
     def end_cooldown(self, now: float) -> bool:
@@ -135,3 +145,4 @@ class Breaker:
         self._failures = shared.failures
         self._trips = shared.trips
         self._open_until = shared.open_until
+        self._tripped_by = shared.tripped_by

@@ -80,25 +80,30 @@ _FAIL = """
 local failures = tonumber(redis.call('HGET', KEYS[1], 'failures') or '0') + 1
 local trips = tonumber(redis.call('HGET', KEYS[1], 'trips') or '0')
 local open_until = tonumber(redis.call('HGET', KEYS[1], 'open_until') or '0')
+local tripped_by = tonumber(redis.call('HGET', KEYS[1], 'tripped_by') or '0')
 local now = tonumber(ARGV[1])
 local retry_after = tonumber(ARGV[5])
 local was_probe = ARGV[6] == '1'
 if now < open_until and retry_after < 0 then
   -- already cooling: attempts from before the trip say nothing new
-  return {tostring(failures - 1), tostring(trips), string.format('%.3f', open_until)}
+  return {tostring(failures - 1), tostring(trips), string.format('%.3f', open_until),
+          tostring(tripped_by)}
 end
 if retry_after >= 0 then
   open_until = now + math.min(retry_after, tonumber(ARGV[4]))
+  tripped_by = failures
   failures = 0
 elseif was_probe or failures >= tonumber(ARGV[2]) then
   trips = trips + 1
   open_until = now + math.min(tonumber(ARGV[3]) * 2 ^ (trips - 1), tonumber(ARGV[4]))
+  tripped_by = failures
   failures = 0
 end
 redis.call('HSET', KEYS[1], 'failures', failures, 'trips', trips,
-           'open_until', string.format('%.3f', open_until))
+           'open_until', string.format('%.3f', open_until), 'tripped_by', tripped_by)
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[7]))
-return {tostring(failures), tostring(trips), string.format('%.3f', open_until)}
+return {tostring(failures), tostring(trips), string.format('%.3f', open_until),
+        tostring(tripped_by)}
 """
 
 # KEYS[1] = health hash.  ARGV[1] = now.  A cooling target may be probed now.
@@ -113,7 +118,7 @@ return 1
 _PULL = """
 local out = {}
 for i, key in ipairs(KEYS) do
-  out[i] = redis.call('HMGET', key, 'failures', 'trips', 'open_until')
+  out[i] = redis.call('HMGET', key, 'failures', 'trips', 'open_until', 'tripped_by')
 end
 return out
 """
@@ -193,11 +198,12 @@ class RedisHealth:
 
 
 def _state(row: Sequence[Any] | None) -> SharedState | None:
-    """A health hash's (failures, trips, open_until); None when there is no such hash."""
-    failures, trips, open_until = (_float(v) for v in (row or (None, None, None)))
+    """A health hash's (failures, trips, open_until, tripped_by); None when there is none."""
+    values = [_float(v) for v in (row or ())] + [None] * 4
+    failures, trips, open_until, tripped_by = values[:4]
     if open_until is None:
         return None
-    return SharedState(int(failures or 0), int(trips or 0), open_until)
+    return SharedState(int(failures or 0), int(trips or 0), open_until, int(tripped_by or 0))
 
 
 def _float(value: Any) -> float | None:

@@ -41,6 +41,9 @@ class TargetStatus:
     inflight: int
     consecutive_failures: int
     ttfb_ewma: float | None
+    #: The last failure that counted against it (``http: HTTP 500``), and when.
+    last_error: str | None = None
+    last_error_at: float | None = None
 
     @property
     def available(self) -> bool:
@@ -59,6 +62,8 @@ class TargetStatus:
             "inflight": self.inflight,
             "consecutive_failures": self.consecutive_failures,
             "ttfb_ewma": self.ttfb_ewma,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
         }
 
 
@@ -79,6 +84,8 @@ class Router:
         self.health = Health(reactor, config.routing.cooldown, health or LocalHealth())
         self._inflight: dict[str, int] = {}
         self._ttfb: dict[str, float] = {}
+        #: The last failure that counted against each target, and when (in this process).
+        self._errors: dict[str, tuple[str, float]] = {}
         rng = rng or random.Random()
         self._strategies: dict[str, Strategy] = {
             name: make_strategy(
@@ -105,6 +112,8 @@ class Router:
             self.health.inherit(previous.health, target)
             if target.id in previous._ttfb:
                 self._ttfb[target.id] = previous._ttfb[target.id]
+            if target.id in previous._errors:
+                self._errors[target.id] = previous._errors[target.id]
 
     def model(self, name: str) -> Model | None:
         return self.models.get(name)
@@ -176,6 +185,8 @@ class Router:
         await self.health.succeeded(target)
 
     async def failed(self, target: Target, failure: UpstreamFailure, probe: bool) -> None:
+        if failure.counts_against():
+            self._errors[target.id] = (str(failure), self.reactor.seconds())
         await self.health.failed(target, failure, probe)
 
     def release_probe(self, target: Target) -> None:
@@ -207,13 +218,19 @@ class Router:
             breaker = self.health.breaker(target)
             state = breaker.state(now)
             cooling = state is BreakerState.COOLING_DOWN
+            error, error_at = self._errors.get(target.id, (None, None))
             found[target.id] = TargetStatus(
                 target=target,
                 state=state,
                 cooling_until=breaker.open_until if cooling else None,
                 cooldown_remaining=round(max(0.0, breaker.open_until - now), 3) if cooling else 0.0,
                 inflight=self._inflight.get(target.id, 0),
-                consecutive_failures=breaker.failures,
+                # A tripped target shows the failures that tripped it.
+                consecutive_failures=breaker.failures
+                if state is BreakerState.HEALTHY
+                else max(breaker.failures, breaker.tripped_by),
                 ttfb_ewma=self._ttfb.get(target.id),
+                last_error=error,
+                last_error_at=error_at,
             )
         return found

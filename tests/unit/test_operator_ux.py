@@ -49,3 +49,23 @@ class UnknownModelTests(SynchronousTestCase):
         assert "model-19" in message and "model-20" not in message
         assert message.endswith("and 5 more.")
         assert errors.model_not_found("x", []).message.endswith("You may use none.")
+
+
+class HealthTests(SynchronousTestCase):
+    def test_a_cooling_target_shows_the_failures_that_tripped_it(self) -> None:
+        h = Harness(
+            config_text(extra="routing: {retries: 0, cooldown: {failures: 2, seconds: 30}}\n")
+        )
+        h.mocks["a"].config = {"status": 500}
+        for n in range(2):
+            assert h.request("POST", "/v1/chat/completions", chat(f"fail {n}")).code == 500
+        target = h.target("a/upstream-m1")
+        assert target["state"] == "cooling_down"
+        assert target["consecutive_failures"] == 2
+        assert target["cooling_until"] == 30 and target["cooldown_remaining"] == 30
+        assert target["last_error"] == "http: HTTP 500"
+        h.mocks["a"].config = {}
+        h.tick(30)
+        assert h.request("POST", "/v1/chat/completions", chat("probe")).code == 200
+        target = h.target("a/upstream-m1")
+        assert (target["state"], target["consecutive_failures"]) == ("healthy", 0)
