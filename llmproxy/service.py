@@ -26,7 +26,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
-from twisted.application import strports
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
@@ -44,7 +43,7 @@ from llmproxy.requestlog import RequestLog
 from llmproxy.signals import SignalHandlers, exit_cleanly
 from llmproxy.site import GatewaySite
 from llmproxy.upstream.client import UpstreamPools
-from llmproxy.workers import FAMILIES, Inherited, ParentWatch, Supervisor
+from llmproxy.workers import FAMILIES, Inherited, ParentWatch, Supervisor, address, listen_now
 
 
 class GatewayService(MultiService):
@@ -83,6 +82,45 @@ class AdoptedPort(Service):
         return maybeDeferred(port.stopListening)
 
 
+class ListeningPort(Service):
+    """
+    One ``--listen`` endpoint, bound in ``privilegedStartService``; it logs the
+    address it got (``llmproxy listening on 127.0.0.1:PORT``: with port 0, the
+    port the kernel chose).
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, description: str, factory: Any, what: str) -> None:
+        self.reactor = reactor
+        self.description = description
+        self.factory = factory
+        self.what = what
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        if self.port is None:
+            self.port = listen_now(self.reactor, self.description, self.factory)
+            self.log.info(
+                "{what} listening on {address} ({description})",
+                what=self.what,
+                address=address(self.port),
+                description=self.description,
+            )
+
+    def startService(self) -> None:
+        super().startService()
+        self.privilegedStartService()
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self.port is None:
+            return None
+        port, self.port = self.port, None
+        return maybeDeferred(port.stopListening)
+
+
 class HTTPService(MultiService):
     """
     One listening port per endpoint description (or per socket inherited from
@@ -111,7 +149,7 @@ class HTTPService(MultiService):
                 AdoptedPort(reactor, socket_, site).setServiceParent(self)
         else:
             for description in listen:
-                strports.service(description, site, reactor).setServiceParent(self)
+                ListeningPort(reactor, description, site, "llmproxy").setServiceParent(self)
 
     def privilegedStartService(self) -> None:
         """
@@ -126,10 +164,9 @@ class HTTPService(MultiService):
             return
         for description, port in zip(self.listen, self, strict=True):
             try:
-                port.privilegedStartService()  # strports: a failed listen raises here
+                port.privilegedStartService()  # a failed listen raises here
             except Exception as e:  # noqa: BLE001 - any reason not to listen ends the start
                 raise SystemExit(f"llmproxy: cannot listen on {description}: {e}") from None
-            self.log.info("llmproxy listening on {description}", description=description)
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)

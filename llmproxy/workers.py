@@ -104,18 +104,42 @@ def _family(port: IListeningPort) -> str:
     raise ValueError(f"cannot hand a {type(host).__name__} socket to workers")
 
 
-def bind(reactor: Any, description: str) -> IListeningPort:
-    """Listen on ``description`` in this process, but accept nothing: the workers will."""
+def listen_now(reactor: Any, description: str, factory: Any) -> IListeningPort:
+    """
+    Listen on the endpoint ``description`` now, before the reactor runs (every
+    stream endpoint that can be shared listens at once), or raise why not.
+    """
     listening: list[Any] = []
-    endpoints.serverFromString(reactor, description).listen(Factory.forProtocol(Protocol)).addBoth(
-        listening.append
-    )
+    endpoints.serverFromString(reactor, description).listen(factory).addBoth(listening.append)
     if not listening:
-        raise ValueError("this kind of endpoint cannot be shared with workers")
+        raise ValueError("this kind of endpoint does not listen at once")
     if isinstance(listening[0], Failure):
         listening[0].raiseException()
     port: IListeningPort = listening[0]
+    return port
+
+
+def address(port: IListeningPort) -> str:
+    """Where ``port`` listens, as an operator (or a test) reads it: ``127.0.0.1:8080``."""
+    host = port.getHost()
+    if isinstance(host, IPv6Address):
+        return f"[{host.host}]:{host.port}"
+    if isinstance(host, IPv4Address):
+        return f"{host.host}:{host.port}"
+    if isinstance(host, UNIXAddress):
+        name = host.name.decode(errors="replace") if isinstance(host.name, bytes) else host.name
+        return f"unix:{name}"
+    return str(host)
+
+
+def bind(reactor: Any, description: str) -> IListeningPort:
+    """Listen on ``description`` in this process, but accept nothing: the workers will."""
+    port = listen_now(reactor, description, Factory.forProtocol(Protocol))
     port.stopReading()  # type: ignore[attr-defined]
+    # The workers share this socket: closing the parent's copy must not shut it
+    # down (shutdown(2) acts on the socket itself, and their accept() would fail
+    # with EINVAL: the asyncio reactor logs each).
+    port._shouldShutdown = False  # type: ignore[attr-defined]
     return port
 
 
@@ -182,7 +206,11 @@ class Supervisor(Service):
                 raise SystemExit(f"llmproxy: cannot listen on {description}: {e}") from None
             self.ports.append(port)
             self.inherited.append(Inherited(port.fileno(), family))  # type: ignore[attr-defined]
-            self.log.info("llmproxy listening on {description}", description=description)
+            self.log.info(
+                "llmproxy listening on {address} ({description})",
+                address=address(port),
+                description=description,
+            )
 
     def startService(self) -> None:
         super().startService()
@@ -334,13 +362,31 @@ class ParentWatch:
         return "parent-watch"
 
 
+def reactor_name(reactor: object) -> str | None:
+    """The ``--reactor`` short name of the reactor running here (workers get the same)."""
+    from twisted.application.reactors import getReactorTypes
+
+    module = type(reactor).__module__
+    for installable in getReactorTypes():
+        if getattr(installable, "moduleName", None) == module:
+            return str(installable.shortName)
+    return None
+
+
 def worker_command(
-    config_path: str | None, index: int, inherited: Sequence[Inherited]
+    config_path: str | None,
+    index: int,
+    inherited: Sequence[Inherited],
+    reactor: str | None = None,
 ) -> list[str]:
-    """The command line of worker ``index``: this interpreter's twistd, in the foreground."""
+    """
+    The command line of worker ``index``: this interpreter's twistd, in the
+    foreground, on the parent's reactor (``reactor``, a ``--reactor`` name).
+    """
     # twistd itself, whatever its script is called here (`python -m twisted` is `twist`).
     twistd = "from twisted.scripts.twistd import run; run()"
-    args = [sys.executable, "-c", twistd, "--pidfile=", "-n", "llmproxy"]
+    chosen = [f"--reactor={reactor}"] if reactor else []
+    args = [sys.executable, "-c", twistd, "--pidfile=", *chosen, "-n", "llmproxy"]
     if config_path is not None:
         args += ["--config", os.path.abspath(config_path)]
     args += ["--worker", str(index)]

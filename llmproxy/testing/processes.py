@@ -1,9 +1,19 @@
 """
-Real processes on free loopback ports, for system tests and benchmarks:
+Real processes on loopback ports, for system tests and benchmarks:
 ``twistd -n llmproxy``, ``twistd -n llmproxy-mock`` and a private
 ``redis-server``.  Each is waited for by polling with a deadline, writes its
 output to a log file, and is stopped with SIGTERM (then SIGKILL).  On Linux a
 child also gets SIGTERM if the process that started it dies without cleaning up.
+
+The proxy and the mock listen on port 0 and say which port they got in their
+log (``llmproxy listening on 127.0.0.1:PORT``), which is read from there: no
+port is probed and released for them, so parallel test runs cannot collide.
+``redis-server`` (and its sentinel) cannot listen on port 0 (``--port 0``
+turns TCP off), so they take a :func:`free_port` and start again on another
+when another process took it first.
+
+The environment variable ``LLMPROXY_TEST_REACTOR`` (e.g. ``asyncio``) makes
+every ``twistd`` here run with ``--reactor=...``.
 
 Nothing here imports the reactor: it runs from plain pytest tests and scripts.
 """
@@ -12,8 +22,11 @@ from __future__ import annotations
 
 import ctypes
 import http.client
+import itertools
 import json
 import os
+import random
+import re
 import shutil
 import signal
 import socket
@@ -32,10 +45,72 @@ BIN = Path(sys.executable).parent
 T = TypeVar("T")
 
 
+#: free_port's ports: below the kernel's ephemeral range (32768 and up on
+#: Linux), where every port-0 bind lands, in a block of 400 per pytest-xdist
+#: worker, from a point of its own in the block.
+_BLOCK = 400
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+_base = 20000 + (int(_worker) % 30 if _worker.isdigit() else 0) * _BLOCK
+_offsets = itertools.count(random.randrange(_BLOCK))
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """
+    A port free now, for a server that must be told its port before it starts
+    (redis-server, its sentinel, nginx).  It is released here, so another
+    process could take it first: :func:`start_on_a_free_port` tries again.
+    """
+    for _ in range(_BLOCK):
+        port = _base + next(_offsets) % _BLOCK
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free port in {_base}..{_base + _BLOCK - 1}")
+
+
+_closed: list[socket.socket] = []
+
+
+def closed_port() -> int:
+    """
+    A loopback port that refuses every connection for as long as this process
+    lives: bound here but never listening, so no other process can take it.
+    """
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _closed.append(s)
+    return int(s.getsockname()[1])
+
+
+class PortTaken(AssertionError):
+    """
+    The server could not bind the port it was given: another process has it.
+    (An AssertionError, so that :func:`wait_for` stops polling at once.)
+    """
+
+
+def start_on_a_free_port(start: Callable[[int], None], attempts: int = 5) -> int:
+    """``start(port)`` on a :func:`free_port`, again on another while it raises PortTaken."""
+    for _ in range(attempts - 1):
+        port = free_port()
+        try:
+            start(port)
+            return port
+        except PortTaken:
+            continue
+    port = free_port()
+    start(port)
+    return port
+
+
+#: How a proxy and a mock say where they listen (see llmproxy.workers.address).
+LISTENING = {
+    "llmproxy": re.compile(r"llmproxy listening on 127\.0\.0\.1:(\d+)"),
+    "llmproxy-mock": re.compile(r"llmproxy-mock listening on 127\.0\.0\.1:(\d+)"),
+}
 
 
 def wait_for(check: Callable[[], T], timeout: float = 15.0, what: str = "condition") -> T:
@@ -77,12 +152,22 @@ def require_binary(name: str, package: str) -> str:
 
 
 def twistd(*args: str) -> list[str]:
-    """A foreground ``twistd`` command line without a pid file."""
-    return [str(BIN / "twistd"), "--pidfile=", "-n", *args]
+    """
+    A foreground ``twistd`` command line without a pid file (with
+    ``--reactor=$LLMPROXY_TEST_REACTOR`` when that is set).
+    """
+    reactor = os.environ.get("LLMPROXY_TEST_REACTOR")
+    chosen = [f"--reactor={reactor}"] if reactor else []
+    return [str(BIN / "twistd"), "--pidfile=", *chosen, "-n", *args]
 
 
 def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the parent dies (Linux's PR_SET_PDEATHSIG)."""
+    """
+    In the child: get SIGTERM when the parent dies (Linux's PR_SET_PDEATHSIG),
+    and SIGINT as from a terminal (a test run started in the background by a
+    shell ignores it, and every child would inherit that).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM)
@@ -130,6 +215,53 @@ class Process:
 
         wait_for(ready, timeout, what=f"{what} on port {port}")
 
+    def wait_port(self, pattern: re.Pattern[str], what: str, timeout: float = 15.0) -> int:
+        """The port the process says in its log (``pattern``'s group) it listens on."""
+
+        def said() -> int | None:
+            found = pattern.search(self.log())
+            if found:
+                return int(found.group(1))
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{what} exited early:\n{self.log()}")
+            return None
+
+        port = wait_for(said, timeout, what=f"{what} to say its port")
+        assert port is not None
+        return port
+
+    def taken(self) -> bool:
+        """It exited because its port was in use."""
+        return self.proc.poll() is not None and "in use" in self.log()
+
+    def wait_line(
+        self,
+        text: str,
+        port: int,
+        what: str,
+        timeout: float = 15.0,
+        ready: Callable[[], bool] | None = None,
+    ) -> None:
+        """
+        Wait for a server told to listen on ``port`` to write ``text`` in its
+        log, or for ``ready()``: its own word that it listens (a connection
+        could reach another process on a taken port); PortTaken if it could not
+        have the port.
+        """
+
+        def done() -> bool:
+            if self.taken():
+                raise PortTaken(f"{what}: port {port} is taken")
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{what} exited early:\n{self.log()}")
+            return ready() if ready is not None else text in self.log()
+
+        try:
+            wait_for(done, timeout, what=f"{what} on port {port}")
+        except PortTaken:
+            self.stop()
+            raise
+
     def stop(self, timeout: float = 10.0) -> int | None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -172,14 +304,13 @@ class Mock(Server):
         timeout: float = 15.0,
     ) -> None:
         self.name = name
-        self.port = port or free_port()
         args = twistd(
-            "llmproxy-mock", "--listen", f"tcp:{self.port}:interface=127.0.0.1", "--name", name
+            "llmproxy-mock", "--listen", f"tcp:{port or 0}:interface=127.0.0.1", "--name", name
         )
         if api_key:
             args += ["--api-key", api_key]
         self.process = Process(args, workdir / f"mock-{name}.log", cwd=workdir)
-        self.process.wait_listening(self.port, f"mock {name}", timeout)
+        self.port = self.process.wait_port(LISTENING["llmproxy-mock"], f"mock {name}", timeout)
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
@@ -209,7 +340,7 @@ class Mock(Server):
 
 
 class Proxy(Server):
-    """A ``twistd -n llmproxy`` process on a free port with a given config."""
+    """A ``twistd -n llmproxy`` process on a port of its own (port 0) with a given config."""
 
     def __init__(
         self,
@@ -220,20 +351,15 @@ class Proxy(Server):
         timeout: float = 15.0,
         workers: int = 1,
     ) -> None:
-        self.port = free_port()
         self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(config)
         args = twistd(
-            "llmproxy",
-            "--config",
-            str(self.config_path),
-            "--listen",
-            f"tcp:{self.port}:interface=127.0.0.1",
+            "llmproxy", "--config", str(self.config_path), "--listen", "tcp:0:interface=127.0.0.1"
         )
         if workers != 1:
             args += ["--workers", str(workers)]
         self.process = Process(args, workdir / f"{name}.log", env=env, cwd=workdir)
-        self.process.wait_listening(self.port, "llmproxy", timeout)
+        self.port = self.process.wait_port(LISTENING["llmproxy"], "llmproxy", timeout)
 
     def rss_kib(self) -> int:
         return proc_status(self.process.pid)["VmRSS"]
@@ -269,12 +395,17 @@ class RedisServer:
         self.binary = require_binary("redis-server", "redis-server")
         self.cli = require_binary("redis-cli", "redis-tools")
         self.workdir = workdir
-        self.port = free_port()
+        self.port = 0
         self.replicaof = replicaof
         self.process: Process | None = None
+        start_on_a_free_port(self._start_on)
+
+    def _start_on(self, port: int) -> None:
+        self.port = port
         self.start()
 
     def start(self) -> None:
+        """Start it (again) on its port; PortTaken if another process has that port."""
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
         args += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
         # A replica writes the master's snapshot to disk: one file per server.
@@ -282,7 +413,12 @@ class RedisServer:
         args += ["--dbfilename", f"redis-{self.port}.rdb", "--repl-diskless-sync-delay", "0"]
         if self.replicaof is not None:
             args += ["--replicaof", "127.0.0.1", str(self.replicaof.port)]
-        self.process = Process(args, self.workdir / f"redis-{self.port}.log")
+        process = self.process = Process(args, self.workdir / f"redis-{self.port}.log")
+        try:
+            process.wait_line("Ready to accept connections", self.port, "redis-server")
+        except PortTaken:
+            self.process = None
+            raise
         wait_for(self.ping, what=f"redis-server on port {self.port}")
 
     @property
@@ -413,19 +549,27 @@ class RedisSentinel:
         self.cli = require_binary("redis-cli", "redis-tools")
         self.workdir = workdir
         self.name = name
-        self.port = free_port()
-        self.config_path = workdir / f"sentinel-{self.port}.conf"
-        self.config_path.write_text(
-            f"port {self.port}\nbind 127.0.0.1\ndaemonize no\ndir {workdir}\n"
-            f"sentinel monitor {name} 127.0.0.1 {master.port} {quorum}\n"
-            f"sentinel down-after-milliseconds {name} {down_after}\n"
-            f"sentinel failover-timeout {name} {failover_timeout}\n"
-            f"sentinel parallel-syncs {name} 1\n"
-        )
-        self.process = Process(
-            sentinel_command(self.config_path), workdir / f"sentinel-{self.port}.log"
-        )
-        self.process.wait_listening(self.port, f"sentinel on port {self.port}")
+        self.port = 0
+        self.config_path = workdir / "sentinel.conf"
+        self.process: Process
+
+        def start(port: int) -> None:
+            self.port = port
+            self.config_path = workdir / f"sentinel-{port}.conf"
+            self.config_path.write_text(
+                f"port {port}\nbind 127.0.0.1\ndaemonize no\ndir {workdir}\n"
+                f"sentinel monitor {name} 127.0.0.1 {master.port} {quorum}\n"
+                f"sentinel down-after-milliseconds {name} {down_after}\n"
+                f"sentinel failover-timeout {name} {failover_timeout}\n"
+                f"sentinel parallel-syncs {name} 1\n"
+            )
+            self.process = Process(
+                sentinel_command(self.config_path), workdir / f"sentinel-{port}.log"
+            )
+            self.process.wait_line("Running mode=sentinel", port, "redis sentinel")
+            self.process.wait_listening(port, f"sentinel on port {port}")
+
+        start_on_a_free_port(start)
 
     @property
     def address(self) -> str:

@@ -5,7 +5,6 @@ proxy can be tried (and system-tested) with no API key.
 
 from __future__ import annotations
 
-from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 from twisted.web.server import Site
@@ -22,13 +21,17 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    from llmproxy.service import ListeningPort
+    from llmproxy.tap import save_coverage_at_shutdown
     from llmproxy.testing.mock import MockUpstream
 
     mock = MockUpstream(reactor, name=options["name"], api_key=options["api-key"])
     site = Site(mock.app.resource())
     site.displayTracebacks = False
+    save_coverage_at_shutdown(reactor)
     top = MultiService()
-    server = strports.service(options["listen"], site)
+    # It logs "llmproxy-mock listening on 127.0.0.1:PORT": tests start it on port 0.
+    server = ListeningPort(reactor, options["listen"], site, "llmproxy-mock")
     server.setName("http")
     server.setServiceParent(top)
     return top

@@ -1,3 +1,12 @@
+"""
+The system tests' fixtures.  Under ``pytest -n auto`` (pytest-xdist) every
+worker is a pytest session of its own: the session fixtures here (the mocks,
+the shared proxy), ``tmp_path_factory`` and so every log and config file are
+private to the worker, and the processes listen on port 0 (redis-server and
+nginx on ports from a block of the worker's own; see
+:mod:`llmproxy.testing.processes`), so workers never meet.
+"""
+
 from __future__ import annotations
 
 from collections.abc import Iterator

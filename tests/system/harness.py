@@ -20,8 +20,8 @@ from llmproxy.testing.processes import (
     Process,
     Proxy,
     RedisServer,
-    free_port,
     require_binary,
+    start_on_a_free_port,
     upstream_block,
 )
 
@@ -110,13 +110,21 @@ class Nginx:
     SITE = ROOT / "etc" / "nginx" / "llmproxy.conf"
 
     def __init__(self, tmp: Path, proxy_port: int) -> None:
-        binary = require_binary("nginx", "nginx")
-        self.port = free_port()
-        root = tmp / "nginx"
-        (root / "logs").mkdir(parents=True, exist_ok=True)
+        self.binary = require_binary("nginx", "nginx")
+        self.root = tmp / "nginx"
+        (self.root / "logs").mkdir(parents=True, exist_ok=True)
+        self.proxy_port = proxy_port
+        self.port = 0
+        self.process: Process
+        # nginx cannot say which port a `listen ...:0` got: it gets a free one.
+        start_on_a_free_port(self._start)
+
+    def _start(self, port: int) -> None:
+        self.port = port
+        root = self.root
         site = self.SITE.read_text()
-        site = site.replace("server 127.0.0.1:8080", f"server 127.0.0.1:{proxy_port}")
-        site = site.replace("listen 80;", f"listen 127.0.0.1:{self.port};")
+        site = site.replace("server 127.0.0.1:8080", f"server 127.0.0.1:{self.proxy_port}")
+        site = site.replace("listen 80;", f"listen 127.0.0.1:{port};")
         site = site.replace("listen [::]:80;", "")
         site = site.replace("/var/log/nginx/", f"{root}/logs/")
         (root / "site.conf").write_text(site)
@@ -124,15 +132,20 @@ class Nginx:
             f"    {name}_temp_path {root}/{name};\n"
             for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
         )
+        pid = root / "nginx.pid"
+        pid.unlink(missing_ok=True)
         (root / "nginx.conf").write_text(
-            f"daemon off;\nworker_processes 1;\npid {root}/nginx.pid;\n"
+            f"daemon off;\nworker_processes 1;\npid {pid};\n"
             f"error_log {root}/logs/error.log;\nevents {{ worker_connections 256; }}\n"
             f"http {{\n{temp}    access_log off;\n    include {root}/site.conf;\n}}\n"
         )
         self.process = Process(
-            [binary, "-p", str(root), "-c", str(root / "nginx.conf")], root / "logs" / "stdout.log"
+            [self.binary, "-p", str(root), "-c", str(root / "nginx.conf")],
+            root / "logs" / "stdout.log",
         )
-        self.process.wait_listening(self.port, "nginx")
+        # nginx writes its pid file once it has bound its ports (it exits if it cannot).
+        self.process.wait_line("", port, "nginx", ready=pid.exists)
+        self.process.wait_listening(port, "nginx")
 
     @property
     def base_url(self) -> str:

@@ -31,7 +31,7 @@ import openai
 import pytest
 from anthropic.types import MessageParam
 
-from llmproxy.testing.processes import Mock, Proxy, free_port, wait_for
+from llmproxy.testing.processes import Mock, Proxy, closed_port, wait_for
 from tests.system.harness import (
     StartProxy,
     events_arrived,
@@ -89,7 +89,7 @@ upstreams:
   b: {{base_url: {b}, api_key: sk-up-b, apis: [anthropic, openai]}}
   o: {{base_url: {o}, api_key: sk-up-o}}
   n: {{base_url: {n}, apis: [anthropic]}}
-  dead: {{base_url: "http://127.0.0.1:{free_port()}/v1", api_key: sk-up-dead, apis: [anthropic]}}
+  dead: {{base_url: "http://127.0.0.1:{closed_port()}/v1", api_key: sk-up-dead, apis: [anthropic]}}
 models:
   claude:
     strategy: priority

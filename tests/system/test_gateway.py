@@ -254,13 +254,17 @@ def test_graceful_shutdown_drains_in_flight_streams(start: StartProxy, mock: Moc
             "model": "gpt-4o-mini",
             "stream": True,
             "messages": [{"role": "user", "content": "drain me please"}],
-            "mock": {"interval": 0.1},
+            # The mock holds the stream after its first event until released.
+            "mock": {"gate_after": 1},
         },
     )
     received = read_until(sock, events_arrived(1), "the stream to start")
     proxy.process.signal(signal.SIGTERM)
     # The listening port closes at once; the stream in flight still finishes.
     wait_for(lambda: not port_open(proxy.port), what="the port to close")
+    wait_for(lambda: "draining 1 in-flight requests" in proxy.process.log(), what="the drain")
+    assert proxy.process.proc.poll() is None
+    mock.release()
     received = read_until(sock, response_ended, "the end of the stream", received=received)
     assert b"data: [DONE]" in received
     assert b"event: error" not in received
@@ -279,7 +283,8 @@ def test_a_stream_the_drain_cuts_ends_with_an_error_event(start: StartProxy, moc
             "model": "gpt-4o-mini",
             "stream": True,
             "messages": [{"role": "user", "content": "never ends"}],
-            "mock": {"infinite": True, "interval": 0.05},
+            # Held after its first event, never released: no event races the cut.
+            "mock": {"gate_after": 1},
         },
     )
     received = read_until(sock, events_arrived(1), "the stream to start")

@@ -26,7 +26,7 @@ from llmproxy.config import ApiKey, Budget, Redis
 from llmproxy.errors import APIError
 from llmproxy.limits import LEASE_TTL, Admission, Limiter, MemoryLimiter, RedisLimiter
 from llmproxy.redisclient import RedisUnavailable, SharedRedis
-from llmproxy.testing.processes import RedisServer, free_port
+from llmproxy.testing.processes import RedisServer, closed_port
 
 NS = "fleet"
 NOW = datetime(2024, 3, 13, 15, 30, tzinfo=UTC).timestamp()  # a Wednesday afternoon
@@ -198,7 +198,7 @@ async def test_a_living_request_renews_its_lease(pair: tuple[Flaky, Flaky]) -> N
 
 @pytest_twisted.ensureDeferred
 async def test_an_unreachable_redis_counts_in_this_process() -> None:
-    closed = free_port()
+    closed = closed_port()
     redis = SharedRedis(reactor, Redis(url=f"redis://127.0.0.1:{closed}/0", timeout=0.2))
     redis.startService()
     try:

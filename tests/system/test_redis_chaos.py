@@ -105,10 +105,13 @@ def test_answers_finished_while_draining_are_still_stored(
     import signal
 
     proxy = start(cache_config(fresh_mock, "redis", redis_server), "draining")
-    body = chat("drained", stream=True, mock={"interval": 0.1})
+    # The mock holds the stream after its first event until released.
+    body = chat("drained", stream=True, mock={"gate_after": 1})
     sock = raw_post(proxy.port, body, headers={"Authorization": "Bearer key-a"})
     received = read_until(sock, events_arrived(1), "the stream to start")
     proxy.process.signal(signal.SIGTERM)
+    wait_for(lambda: "draining 1 in-flight requests" in proxy.process.log(), what="the drain")
+    fresh_mock.release()
     received = read_until(sock, response_ended, "the end of the stream", received=received)
     assert b"data: [DONE]" in received
     proxy.process.proc.wait(timeout=30)

@@ -25,7 +25,7 @@ from llmproxy.testing.processes import Mock, Proxy
 from tests.system.harness import StartProxy
 
 #: The idle keep-alive timeout of the closing upstream, in seconds.
-IDLE_CLOSE = 1.0
+IDLE_CLOSE = 0.3
 #: Clients of the idle race at once, each asking its own model, whose upstream
 #: entry (all on the same mock) has its own pool: one connection, reused by
 #: each request after about ``IDLE_CLOSE`` idle.

@@ -11,7 +11,7 @@ import urllib.request
 import openai
 import pytest
 
-from llmproxy.testing.processes import Mock, Proxy, RedisServer, free_port, wait_for
+from llmproxy.testing.processes import Mock, Proxy, RedisServer, closed_port, wait_for
 from tests.system.harness import StartProxy
 
 Trio = dict[str, Mock]
@@ -83,7 +83,7 @@ def test_dead_port_and_500s_failed_over(fresh_trio: Trio, start: StartProxy) -> 
     proxy = start(
         config(
             fresh_trio,
-            dead=free_port(),
+            dead=closed_port(),
             names="dbc",
             extra="routing: {retries: 2, cooldown: {failures: 3, seconds: 300}}\n",
         )
@@ -99,7 +99,9 @@ def test_dead_port_and_500s_failed_over(fresh_trio: Trio, start: StartProxy) -> 
 
 
 def test_429_retry_after_cools_then_recovers(fresh_trio: Trio, start: StartProxy) -> None:
-    fresh_trio["a"].configure(status=429, headers={"Retry-After": "2"})
+    # The smallest Retry-After there is (whole seconds); the unit layer covers
+    # how long a cooldown lasts with a Clock (tests/unit/test_routing.py).
+    fresh_trio["a"].configure(status=429, headers={"Retry-After": "1"})
     proxy = start(config(fresh_trio, strategy="priority", names="ab"))
     assert ask(proxy, "first")[0] == "b"
     assert [ask(proxy, f"q{i}")[0] for i in range(5)] == ["b"] * 5

@@ -22,7 +22,7 @@ from llmproxy.testing.processes import (
     Proxy,
     RedisSentinel,
     RedisServer,
-    free_port,
+    closed_port,
     upstream_block,
     wait_for,
 )
@@ -118,7 +118,7 @@ def test_a_forced_failover_moves_new_entries_to_the_new_master(
     master, replica = pair
     sentinels = watch(2)
     # A sentinel that is down is skipped: the others answer.
-    dead = f"127.0.0.1:{free_port()}"
+    dead = f"127.0.0.1:{closed_port()}"
     proxy = start(config(fresh_mock, [dead, *(s.address for s in sentinels)]))
     served_from(proxy, master, "before the failover")
 

@@ -61,24 +61,32 @@ class PluginTests(SynchronousTestCase):
         http = collection.getServiceNamed("http")
         assert getattr(http, "listen", None) == ("tcp:0:interface=127.0.0.1", "tcp:0")
 
-    def test_bad_config_is_a_usage_error(self) -> None:
+    def test_bad_config_is_one_line_naming_the_file(self) -> None:
         from llmproxy.tap import Options
 
         with tempfile.TemporaryDirectory() as tmp:
             bad = Path(tmp) / "bad.yaml"
             bad.write_text("cache: {ttl: -1}\n")
-            with self.assertRaises(usage.UsageError) as info:
+            # SystemExit with a message: twistd prints it alone, with no usage text.
+            with self.assertRaises(SystemExit) as info:
                 Options().parseOptions(["--config", str(bad)])
-        assert str(info.exception) == "cache.ttl: must be > 0, got -1"
+        assert info.exception.code == f"llmproxy: {bad}: cache.ttl: must be > 0, got -1"
 
-    def test_bad_listen_is_a_usage_error(self) -> None:
+    def test_bad_listen_is_one_line_naming_the_file(self) -> None:
         from llmproxy.tap import Options
 
-        with self.assertRaises(usage.UsageError) as info:
-            Options().parseOptions(
-                ["--config", str(ROOT / "etc" / "llmproxy.yaml"), "--listen", "bogus:1"]
-            )
-        assert "listen: bad endpoint 'bogus:1'" in str(info.exception)
+        shipped = str(ROOT / "etc" / "llmproxy.yaml")
+        with self.assertRaises(SystemExit) as info:
+            Options().parseOptions(["--config", shipped, "--listen", "bogus:1"])
+        assert str(info.exception.code).startswith(
+            f"llmproxy: {shipped}: listen: bad endpoint 'bogus:1'"
+        )
+
+    def test_a_bad_option_is_still_a_usage_error(self) -> None:
+        from llmproxy.tap import Options
+
+        with self.assertRaises(usage.UsageError):
+            Options().parseOptions(["--workers", "none"])
 
     def test_services_stop_one_after_another_newest_first(self) -> None:
         from twisted.application.service import Service
