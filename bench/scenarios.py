@@ -41,10 +41,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from run import percentile  # noqa: E402
-
+from bench.stats import percentile  # noqa: E402
 from llmproxy.testing.processes import Mock, Proxy, RedisServer, proc_status  # noqa: E402
 
 MODEL = "m"
