@@ -627,10 +627,15 @@ def exchange(
     body: Any = None,
     headers: dict[str, str] | None = None,
 ) -> Reply:
-    """One request on ``conn`` (a JSON body when ``body`` is given), whatever its status."""
+    """
+    One request on ``conn``, whatever its status: ``body`` sent as JSON, or as
+    it is when it is bytes (a malformed body, a form).
+    """
     sent = dict(headers or {})
     data = None
-    if body is not None:
+    if isinstance(body, bytes):
+        data = body
+    elif body is not None:
         data = json.dumps(body).encode()
         sent.setdefault("Content-Type", "application/json")
     conn.request(method, path, data, sent)

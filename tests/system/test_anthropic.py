@@ -31,7 +31,7 @@ import openai
 import pytest
 from anthropic.types import MessageParam
 
-from llmproxy.testing.processes import Mock, Proxy, closed_port, wait_for
+from llmproxy.testing.processes import Mock, Proxy, Reply, closed_port, http_call, wait_for
 from tests.system.harness import (
     StartProxy,
     events_arrived,
@@ -164,14 +164,6 @@ def words(text: str) -> int:
 # -- raw HTTP ------------------------------------------------------------------------
 
 
-class Reply:
-    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
-        self.status, self.headers, self.body = status, headers, body
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
 def call(
     proxy: Proxy,
     path: str,
@@ -188,13 +180,7 @@ def call(
     if key is not None:
         sent["x-api-key"] = key
     sent.update(headers or {})
-    data = json.dumps(body).encode() if isinstance(body, dict) else body
-    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
-    conn.request(method, path, data, sent)
-    response = conn.getresponse()
-    got = response.read()
-    conn.close()
-    return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, got)
+    return http_call(proxy.port, method, path, body, sent)
 
 
 def message_body(model: str, text: str, **extra: Any) -> dict[str, Any]:

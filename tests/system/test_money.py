@@ -28,7 +28,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from llmproxy.testing.processes import Mock, Proxy, RedisServer, wait_for
+from llmproxy.testing.processes import Mock, Proxy, RedisServer, Reply, http_call, wait_for
 from tests.system.harness import (
     UPSTREAM_KEY,
     StartProxy,
@@ -117,14 +117,6 @@ def money(tmp_path_factory: pytest.TempPathFactory, mock: Mock) -> Iterator[Prox
 # -- clients ---------------------------------------------------------------------------
 
 
-class Reply:
-    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
-        self.status, self.headers, self.body = status, headers, body
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
 def call(
     proxy: Proxy,
     path: str,
@@ -133,17 +125,12 @@ def call(
     request_id: str | None = None,
     method: str = "POST",
 ) -> Reply:
-    headers = {"Content-Type": "application/json"}
+    headers = {}
     if secret:
         headers["Authorization"] = f"Bearer {secret}"
     if request_id:
         headers["X-Request-Id"] = request_id
-    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
-    conn.request(method, path, json.dumps(body) if body is not None else None, headers)
-    response = conn.getresponse()
-    data = response.read()
-    conn.close()
-    return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, data)
+    return http_call(proxy.port, method, path, body, headers)
 
 
 def ask(
