@@ -3,9 +3,10 @@ What the proxy knows about answers: OpenAI's, and the Anthropic Messages API's.
 
 An :class:`Inspector` watches one answer go by, a whole body or a stream
 event by event, and notes what the rest of the proxy needs: the token usage
-(:class:`Usage`, for limits, cost and metrics), the response ids it hands out (for affinity), its
-terminal event (a stream is complete only with one), and anything that makes
-it unfit for the cache.  :func:`worth_storing` says whether a whole body is a
+(:class:`Usage`, for limits, cost and metrics), the ids of the objects it
+hands out (responses, files, batches: for affinity), its terminal event (a
+stream is complete only with one), and anything that makes it unfit for the
+cache.  :func:`worth_storing` says whether a whole body is a
 complete, non-empty answer.  Nothing here writes to a client.
 """
 
@@ -182,8 +183,8 @@ class Inspector:
     body_bytes: int = 0
     #: A 2xx answer went to the client: something was generated.
     answered: bool = False
-    #: Response ids seen and not yet taken by :meth:`take_response_ids`.
-    response_ids: list[str] = attrs.field(factory=list)
+    #: Ids of pinned objects (responses, files, batches) not yet taken by :meth:`take_object_ids`.
+    object_ids: list[str] = attrs.field(factory=list)
     terminal: str | None = None
     uncacheable: Uncacheable | None = None
     #: A Messages API stream's usage so far: ``message_start``'s, updated by
@@ -282,16 +283,16 @@ class Inspector:
         self.usage = Usage.of(payload.get("usage")) or self.usage
         kind = payload.get("object")
         if kind in PINNED_OBJECTS and isinstance(payload.get("id"), str):
-            self.response_ids.append(payload["id"])
+            self.object_ids.append(payload["id"])
         if kind == "batch":
             # A batch's results are files on its upstream, the batch owner's.
             for name in ("output_file_id", "error_file_id"):
                 if isinstance(payload.get(name), str) and payload[name]:
-                    self.response_ids.append(payload[name])
+                    self.object_ids.append(payload[name])
 
-    def take_response_ids(self) -> list[str]:
-        """The response ids seen since the last call."""
-        found, self.response_ids = self.response_ids, []
+    def take_object_ids(self) -> list[str]:
+        """The pinned objects' ids seen since the last call."""
+        found, self.object_ids = self.object_ids, []
         return found
 
     @property

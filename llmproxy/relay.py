@@ -199,7 +199,7 @@ class Relay:
 
         def on_event(upstream_event: Event) -> None:
             event = inspector.event(upstream_event)
-            if inspector.response_ids:
+            if inspector.object_ids:
                 remembering.append(self._remember_soon(call, inspector, exchange.target))
             if event is None:
                 return  # nothing of it is the client's
@@ -297,8 +297,8 @@ class Relay:
         return remembering
 
     async def _remember(self, call: Relayable, inspector: Inspector, target: Target) -> None:
-        for response_id in inspector.take_response_ids():
-            await self.affinity.remember(response_id, Pin(target, call.principal.name))
+        for object_id in inspector.take_object_ids():
+            await self.affinity.remember(object_id, Pin(target, call.principal.name))
 
 
 def _recorded(

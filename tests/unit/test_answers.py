@@ -121,11 +121,11 @@ class StripUsageTests(SynchronousTestCase):
         event = inspector.event(parse_event(raw))
         assert event is not None and event.raw == raw and inspector.usage == Usage(3, 0, 2, 0)
 
-    def test_response_ids_are_taken_once(self) -> None:
+    def test_object_ids_are_taken_once(self) -> None:
         inspector = Inspector("responses")
         created = b'event: response.created\ndata: {"response": {"object": "response", "id": "r1"}}'
         inspector.event(parse_event(created + b"\n\n"))
-        assert inspector.take_response_ids() == ["r1"] and inspector.take_response_ids() == []
+        assert inspector.take_object_ids() == ["r1"] and inspector.take_object_ids() == []
         inspector.event(parse_event(b"event: response.completed\ndata: {}\n\n"))
         assert inspector.complete
 

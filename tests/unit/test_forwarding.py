@@ -203,7 +203,7 @@ class ResponseObjectTests(SynchronousTestCase):
         assert answer.code == 404
         assert answer.json()["error"]["code"] == "response_not_found"
 
-    def test_response_ids_cannot_shape_the_upstream_url(self) -> None:
+    def test_object_ids_cannot_shape_the_upstream_url(self) -> None:
         h = Harness()
         for rid in ("x%3Fy=1", "..", "a%2F..%2Fb", "x%23frag"):
             answer = h.request("GET", f"/v1/responses/{rid}")
@@ -211,7 +211,7 @@ class ResponseObjectTests(SynchronousTestCase):
             assert answer.json()["error"]["code"] in ("response_not_found", "not_found")
         assert h.seen() == []
 
-    def test_response_ids_belong_to_the_key_that_made_them(self) -> None:
+    def test_object_ids_belong_to_the_key_that_made_them(self) -> None:
         h = Harness(config_text() + TENANTS + "cache: {backend: off}\n")
         a = {"Authorization": "Bearer key-a"}
         b = {"Authorization": "Bearer key-b"}
@@ -242,7 +242,7 @@ class ResponseObjectTests(SynchronousTestCase):
         paths = [r["path"] for r in h.seen()]
         assert paths == ["/v1/responses", f"/v1/responses/{rid}"]
 
-    def test_unusable_previous_response_ids_are_refused_without_a_lookup(self) -> None:
+    def test_unusable_previous_object_ids_are_refused_without_a_lookup(self) -> None:
         h = Harness(config_text() + "auth:\n  keys:\n    - {name: t, key: k}\n")
         answer = h.request(
             "POST",
