@@ -43,7 +43,7 @@ from llmproxy.requestlog import RequestLog
 from llmproxy.signals import SignalHandlers, exit_cleanly
 from llmproxy.site import GatewaySite
 from llmproxy.upstream.client import UpstreamPools
-from llmproxy.workers import FAMILIES, Inherited, ParentWatch, Supervisor, address, listen_now
+from llmproxy.workers import FAMILIES, Inherited, ListeningPort, ParentWatch, Supervisor
 
 
 class GatewayService(MultiService):
@@ -73,45 +73,6 @@ class AdoptedPort(Service):
         # adoptStreamPort works on a duplicate; the inherited descriptor is ours to close.
         self.port = self.reactor.adoptStreamPort(fd, family, self.site)
         os.close(fd)
-
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()
-        if self.port is None:
-            return None
-        port, self.port = self.port, None
-        return maybeDeferred(port.stopListening)
-
-
-class ListeningPort(Service):
-    """
-    One ``--listen`` endpoint, bound in ``privilegedStartService``; it logs the
-    address it got (``llmproxy listening on 127.0.0.1:PORT``: with port 0, the
-    port the kernel chose).
-    """
-
-    log = Logger()
-
-    def __init__(self, reactor: Any, description: str, factory: Any, what: str) -> None:
-        self.reactor = reactor
-        self.description = description
-        self.factory = factory
-        self.what = what
-        self.port: Any = None
-
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        if self.port is None:
-            self.port = listen_now(self.reactor, self.description, self.factory)
-            self.log.info(
-                "{what} listening on {address} ({description})",
-                what=self.what,
-                address=address(self.port),
-                description=self.description,
-            )
-
-    def startService(self) -> None:
-        super().startService()
-        self.privilegedStartService()
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()

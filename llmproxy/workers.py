@@ -28,6 +28,11 @@ A worker reads its stdin, a pipe from the parent: when the parent is gone
 orphan keeps serving.  The workers write their metrics into one
 ``PROMETHEUS_MULTIPROC_DIR`` the parent creates (and removes), so any worker
 answers ``/metrics`` for the whole fleet.
+
+:class:`ListeningPort` is one process's own listening endpoint (a proxy without
+``--workers``, the parent's bind, the mock upstream); it lives here, with the
+helpers it shares with the supervisor, so that the mock need not import the
+gateway to listen.
 """
 
 from __future__ import annotations
@@ -130,6 +135,45 @@ def address(port: IListeningPort) -> str:
         name = host.name.decode(errors="replace") if isinstance(host.name, bytes) else host.name
         return f"unix:{name}"
     return str(host)
+
+
+class ListeningPort(Service):
+    """
+    One ``--listen`` endpoint, bound in ``privilegedStartService``; it logs the
+    address it got (``llmproxy listening on 127.0.0.1:PORT``: with port 0, the
+    port the kernel chose).
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, description: str, factory: Any, what: str) -> None:
+        self.reactor = reactor
+        self.description = description
+        self.factory = factory
+        self.what = what
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        if self.port is None:
+            self.port = listen_now(self.reactor, self.description, self.factory)
+            self.log.info(
+                "{what} listening on {address} ({description})",
+                what=self.what,
+                address=address(self.port),
+                description=self.description,
+            )
+
+    def startService(self) -> None:
+        super().startService()
+        self.privilegedStartService()
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self.port is None:
+            return None
+        port, self.port = self.port, None
+        return maybeDeferred(port.stopListening)
 
 
 def bind(reactor: Any, description: str) -> IListeningPort:

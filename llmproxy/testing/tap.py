@@ -21,9 +21,9 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    from llmproxy.service import ListeningPort
     from llmproxy.tap import save_coverage_at_shutdown
     from llmproxy.testing.mock import MockUpstream
+    from llmproxy.workers import ListeningPort
 
     mock = MockUpstream(reactor, name=options["name"], api_key=options["api-key"])
     site = Site(mock.app.resource())
