@@ -113,8 +113,15 @@ LISTENING = {
 }
 
 
-def wait_for(check: Callable[[], T], timeout: float = 15.0, what: str = "condition") -> T:
-    """Poll ``check`` until it returns something truthy, or fail after ``timeout``."""
+def wait_for(
+    check: Callable[[], T], timeout: float = 15.0, what: str = "condition", interval: float = 0.01
+) -> T:
+    """
+    Poll ``check`` every ``interval`` seconds until it returns something
+    truthy, or fail after ``timeout``.  A check that costs much (one that
+    sends a request or runs ``redis-cli``) and waits on something slow takes a
+    longer ``interval``, so the wait does not burn a core.
+    """
     deadline = time.monotonic() + timeout
     last: BaseException | None = None
     while time.monotonic() < deadline:
@@ -126,7 +133,7 @@ def wait_for(check: Callable[[], T], timeout: float = 15.0, what: str = "conditi
             raise
         except Exception as e:  # noqa: BLE001 - polling: the thing may not be up yet
             last = e
-        time.sleep(0.01)
+        time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last})")
 
 

@@ -10,7 +10,6 @@ import asyncio
 import http.client
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import openai
 import pytest
@@ -21,16 +20,35 @@ from tests.system.harness import StartProxy, cache_config, chat, post, raw_post,
 Cached = tuple[Proxy, RedisServer | None]
 
 
-@pytest.fixture(params=["memory", "redis"])
-def cached_proxy(
-    request: pytest.FixtureRequest, tmp_path: Path, fresh_mock: Mock
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def cache_backend(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, mock: Mock
 ) -> Iterator[Cached]:
-    redis = RedisServer(tmp_path) if request.param == "redis" else None
-    proxy = Proxy(tmp_path, cache_config(fresh_mock, request.param, redis))
+    """
+    One proxy per backend for the whole module (each start costs a second of
+    CPU): the tests below share it, and :func:`cached_proxy` empties its
+    cache before each, so what a test sees is what it did.
+    """
+    tmp = tmp_path_factory.mktemp(f"cache-{request.param}")
+    redis = RedisServer(tmp) if request.param == "redis" else None
+    proxy = Proxy(tmp, cache_config(mock, request.param, redis))
     yield proxy, redis
     proxy.stop()
     if redis is not None:
         redis.stop()
+
+
+@pytest.fixture
+def cached_proxy(cache_backend: Cached, fresh_mock: Mock) -> Cached:
+    """The module's proxy with its cache purged (``DELETE /cache``, as an operator would)."""
+    proxy, redis = cache_backend
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
+    conn.request("DELETE", "/cache")
+    assert conn.getresponse().status == 200
+    conn.close()
+    if redis is not None:
+        assert redis.cli_call("--scan", "--pattern", "llmproxy:cache:*") == ""
+    return cache_backend
 
 
 def test_basic_caching(cached_proxy: Cached, fresh_mock: Mock) -> None:
@@ -132,6 +150,7 @@ def test_scope_isolation(cached_proxy: Cached, fresh_mock: Mock) -> None:
 
 def test_cut_and_abandoned_streams_are_not_stored(cached_proxy: Cached, fresh_mock: Mock) -> None:
     proxy, redis = cached_proxy
+    stores = stats(proxy)["cache"]["stores"]
     body = chat("cut", stream=True, mock={"cut_after": 2})
     assert b"event: error" in post(proxy, body)[2]
     assert post(proxy, body)[1]["x-llmproxy-cache"] == "miss"
@@ -140,7 +159,7 @@ def test_cut_and_abandoned_streams_are_not_stored(cached_proxy: Cached, fresh_mo
     wait_for(lambda: fresh_mock.stats()["streams"] == 3, what="the abandoned stream to start")
     sock.close()
     wait_for(lambda: fresh_mock.stats()["disconnects"] == 1, what="upstream closed")
-    assert stats(proxy)["cache"]["stores"] == 0
+    assert stats(proxy)["cache"]["stores"] == stores
     if redis is not None:
         assert redis.cli_call("--scan", "--pattern", "llmproxy:cache:*") == ""
 
@@ -150,7 +169,7 @@ def test_concurrent_identical_requests_share_one_call(
 ) -> None:
     proxy, _ = cached_proxy
 
-    async def run(stream: bool) -> list[str]:
+    async def run(stream: bool, already: int) -> list[str]:
         client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="key-a", max_retries=0)
 
         async def one() -> str:
@@ -174,7 +193,7 @@ def test_concurrent_identical_requests_share_one_call(
         tasks = [asyncio.ensure_future(one()) for _ in range(10)]
 
         def coalesced() -> bool:
-            return stats(proxy)["cache"]["coalesced"] >= (9 if not stream else 18)
+            return stats(proxy)["cache"]["coalesced"] >= already + 9
 
         deadline = asyncio.get_running_loop().time() + 20
         while not (fresh_mock.stats()["gated"] == 1 and coalesced()):
@@ -184,8 +203,9 @@ def test_concurrent_identical_requests_share_one_call(
         return await asyncio.gather(*tasks)
 
     for stream in (False, True):
+        already = stats(proxy)["cache"]["coalesced"]
         before = len(fresh_mock.requests())
-        answers = asyncio.run(run(stream))
+        answers = asyncio.run(run(stream, already))
         assert answers == [f"Hello from main! You said: together {stream}"] * 10
         assert len(fresh_mock.requests()) == before + 1
 
