@@ -100,9 +100,17 @@ def until_one_lands(proxy: Proxy, server: RedisServer, label: str, timeout: floa
         sent.append(text)
         return next((t for t in sent[-20:] if holds_entry(server, t)), None)
 
-    found = wait_for(
-        landed, timeout, what=f"an entry of a new request in redis :{server.port}", interval=0.1
-    )
+    try:
+        found = wait_for(
+            landed, timeout, what=f"an entry of a new request in redis :{server.port}", interval=0.1
+        )
+    except AssertionError as e:
+        # What the proxy and Redis were doing: without it a timeout here says nothing.
+        said = [line for line in proxy.process.log().splitlines() if "redis" in line.lower()]
+        raise AssertionError(
+            f"{e}\nredis :{server.port} is a {server.role()}; the proxy's last redis lines:\n"
+            + "\n".join(said[-15:])
+        ) from None
     assert found is not None
     return found
 
