@@ -18,9 +18,11 @@ twistd plugin discovery.
 
 With ``redis.sentinel``, the pool connects to whichever server the sentinels
 name as the master, asking them again before every connection attempt.  A
-failover drops the pool's connections (Sentinel has the demoted master close
-its clients; a dead master closes them by dying), the reconnection finds the
-new master, and a connection that lands on a replica is closed and retried.
+failover drops the pool's connections: the sentinels announce it
+(``+switch-master``, which the proxy follows at once), a dead master closes
+them by dying, a demoted one answers ``READONLY`` (or Sentinel has it close
+its clients).  The reconnection finds the new master, and a connection that
+lands on a replica is closed and retried.
 """
 
 from __future__ import annotations
@@ -85,12 +87,15 @@ def connect_url(url: str, timeout: float, reactor: Any) -> Any:
     return factory.handler
 
 
-def connect_sentinel(config: Sentinel, timeout: float) -> tuple[Any, Any]:
+def connect_sentinel(config: Sentinel, timeout: float, reactor: Any) -> tuple[Any, list[Any]]:
     """
-    ``(sentinels, pool)``: txredisapi's Sentinel manager over ``config.addresses``,
-    and a lazy pool to the master it names (both to be disconnected).
+    ``(pool, others)``: a lazy pool to the master that txredisapi's Sentinel
+    manager over ``config.addresses`` names, and what else is to be
+    disconnected with it: that manager, and one
+    :class:`~llmproxy.redissentinel.SwitchWatcher` per sentinel.
     """
     import txredisapi
+    from twisted.internet.endpoints import HostnameEndpoint
 
     from llmproxy import redissentinel
 
@@ -109,7 +114,12 @@ def connect_sentinel(config: Sentinel, timeout: float) -> tuple[Any, Any]:
         convertNumbers=False,
         replyTimeout=timeout,
     )
-    return sentinels, pool
+    others: list[Any] = [sentinels]
+    for host, port in config.addresses:
+        watcher = redissentinel.SwitchWatcher(config.master, pool._factory)
+        watcher.startConnecting(HostnameEndpoint(reactor, host, port, timeout=timeout))
+        others.append(watcher)
+    return pool, others
 
 
 class SharedRedis(Service):
@@ -124,7 +134,8 @@ class SharedRedis(Service):
         self.config = config
         self.timeout = config.timeout
         self._connection = connection
-        self._sentinels: Any = None
+        #: What is disconnected with the pool (the Sentinel manager, its watchers).
+        self._others: list[Any] = []
         self._down_until = 0.0
 
     def startService(self) -> None:
@@ -132,7 +143,9 @@ class SharedRedis(Service):
         if self._connection is not None:
             return
         if self.config.sentinel is not None:
-            self._sentinels, self._connection = connect_sentinel(self.config.sentinel, self.timeout)
+            self._connection, self._others = connect_sentinel(
+                self.config.sentinel, self.timeout, self.reactor
+            )
         else:
             assert self.config.url is not None
             self._connection = connect_url(self.config.url, self.timeout, self.reactor)
@@ -143,8 +156,8 @@ class SharedRedis(Service):
 
     async def _disconnect(self) -> None:
         connection, self._connection = self._connection, None
-        sentinels, self._sentinels = self._sentinels, None
-        for each in (connection, sentinels):
+        others, self._others = self._others, []
+        for each in [connection, *others]:
             if each is not None:
                 try:
                     await each.disconnect()
@@ -170,6 +183,10 @@ class SharedRedis(Service):
             # builtins: those mean Redis is away.
             if any(c.__name__ == "ConnectionError" for c in type(e).__mro__):
                 raise self._away(command, e) from None
+            # A replica (demoted under the connection, or named by redis.url)
+            # refuses every write: away too, until the pool reconnects.
+            if str(e).startswith("READONLY"):
+                raise self._away(command, e, "READONLY") from None
             # Anything else (a refused command, a value it cannot encode) is
             # about this one call: Redis is fine for everybody else.
             self.log.warn(
@@ -177,12 +194,9 @@ class SharedRedis(Service):
             )
             raise RedisUnavailable(type(e).__name__) from None
 
-    def _away(self, command: str, error: Exception) -> RedisUnavailable:
+    def _away(self, command: str, error: Exception, name: str = "") -> RedisUnavailable:
         """Redis is away: fail fast for a moment, and say so once per outage."""
+        name = name or type(error).__name__
         self._down_until = self.reactor.seconds() + min(self.BACKOFF, self.timeout * 2)
-        self.log.warn(
-            "redis {command} failed ({error}); degrading",
-            command=command,
-            error=type(error).__name__,
-        )
-        return RedisUnavailable(type(error).__name__)
+        self.log.warn("redis {command} failed ({error}); degrading", command=command, error=name)
+        return RedisUnavailable(name)

@@ -15,6 +15,16 @@ it would drop every connection, forever.  :class:`MasterProtocol` compares the
 decoded role, and closes (so retries) a connection whose ``ROLE`` fails instead
 of leaving it half-open.
 
+txredisapi finds a new master only when a connection drops, and Sentinel drops
+them only when it gets to demote the old master: seconds after the failover,
+on its own clock, and never if it cannot reach that server while the proxy
+still can.  Until then every write lands in a server whose data the
+resynchronisation throws away.  So, as Jedis and redis-py do, llmproxy follows
+the failover as the sentinels announce it (:class:`SwitchWatcher`, subscribed
+to ``+switch-master`` on every sentinel), and a connection whose server
+answers ``READONLY`` (demoted under it) is closed, so it reconnects to the
+master the sentinels name.
+
 This module imports txredisapi, hence the reactor: only
 :mod:`llmproxy.redisclient` imports it, when a proxy with ``redis`` starts.
 """
@@ -26,6 +36,10 @@ from typing import Any
 import txredisapi
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+
+#: The channel on which a sentinel announces a failover's end, with the message
+#: ``"<master name> <old ip> <old port> <new ip> <new port>"``.
+SWITCH_CHANNEL = "+switch-master"
 
 #: Seconds to wait for a sentinel to name a healthy master before trying again
 #: (txredisapi waits 10): while a master is down, a reconnection attempt waits
@@ -97,6 +111,15 @@ class MasterProtocol(txredisapi.SentinelRedisProtocol):
         self.log.warn("redis: ROLE failed ({error}); reconnecting", error=failure.getErrorMessage())
         self.transport.loseConnection()
 
+    def replyReceived(self, reply: Any) -> None:  # noqa: N802 - txredisapi's name
+        # The caller still gets the error (and degrades); the connection goes,
+        # so that its slot asks the sentinels for the master again.
+        if isinstance(reply, txredisapi.ResponseError) and str(reply).startswith("READONLY"):
+            if not self.transport.disconnecting:
+                self.log.warn("redis: the master was demoted (READONLY); reconnecting")
+                self.transport.loseConnection()
+        super().replyReceived(reply)
+
 
 class MasterFactory(KeepTrying, txredisapi.SentinelConnectionFactory):
     """
@@ -106,3 +129,67 @@ class MasterFactory(KeepTrying, txredisapi.SentinelConnectionFactory):
     """
 
     protocol = MasterProtocol
+
+
+def peer_of(connection: Any) -> tuple[str, int]:
+    """The ``(host, port)`` a pool connection is connected to."""
+    peer = connection.transport.getPeer()
+    return (peer.host, peer.port)
+
+
+class SwitchProtocol(txredisapi.SubscriberProtocol):
+    """A connection to one sentinel, subscribed to its failover announcements."""
+
+    log = Logger()
+
+    def connectionMade(self) -> Any:
+        self.subscribe(SWITCH_CHANNEL).addErrback(self._refused)
+        return super().connectionMade()
+
+    def _refused(self, failure: Any) -> None:
+        self.log.warn(
+            "redis: a sentinel refused SUBSCRIBE ({error}); reconnecting",
+            error=failure.getErrorMessage(),
+        )
+        self.transport.loseConnection()
+
+    def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:  # noqa: N802
+        self.factory.switched(message)
+
+
+class SwitchWatcher(KeepTrying, txredisapi.SubscriberFactory):
+    """
+    One sentinel's ``+switch-master`` subscription, reconnecting for good: when
+    it names ``name``'s new master, the connections of ``pool`` (a
+    :class:`MasterFactory`) to any other server are closed, and reconnect
+    through the sentinels to the new one.  Every sentinel announces the same
+    failover: the later announcements close nothing new.
+    """
+
+    protocol = SwitchProtocol
+    #: A sentinel that is down is asked again every 10 s, as txredisapi's
+    #: manager does (each attempt is a log line); the others announce meanwhile.
+    maxDelay = 10.0  # noqa: N815 - txredisapi's name
+
+    def __init__(self, name: str, pool: Any) -> None:
+        super().__init__(isLazy=True)
+        self.name = name
+        self.master_pool = pool
+
+    def switched(self, message: Any) -> None:
+        text = message.decode("utf-8", "replace") if isinstance(message, bytes) else str(message)
+        parts = text.split()
+        if len(parts) != 5 or parts[0] != self.name or not parts[4].isdigit():
+            return
+        new = (parts[3], int(parts[4]))
+        stale = [c for c in list(self.master_pool.pool) if peer_of(c) != new]
+        if stale:
+            self.log.info(
+                "redis: the sentinels moved {name} to {host}:{port}; reconnecting {count}",
+                name=self.name,
+                host=new[0],
+                port=new[1],
+                count=len(stale),
+            )
+        for connection in stale:
+            connection.transport.loseConnection()

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -395,15 +395,19 @@ def redis_cli(cli: str, port: int, *args: str) -> str:
 class RedisServer:
     """
     A private ``redis-server`` on a free port, never the machine's own; with
-    ``replicaof``, a replica of that other one (``--replicaof``).
+    ``replicaof``, a replica of that other one (``--replicaof``); ``options``
+    go on its command line.
     """
 
-    def __init__(self, workdir: Path, replicaof: RedisServer | None = None) -> None:
+    def __init__(
+        self, workdir: Path, replicaof: RedisServer | None = None, options: Sequence[str] = ()
+    ) -> None:
         self.binary = require_binary("redis-server", "redis-server")
         self.cli = require_binary("redis-cli", "redis-tools")
         self.workdir = workdir
         self.port = 0
         self.replicaof = replicaof
+        self.options = list(options)
         self.process: Process | None = None
         start_on_a_free_port(self._start_on)
 
@@ -420,6 +424,7 @@ class RedisServer:
         args += ["--dbfilename", f"redis-{self.port}.rdb", "--repl-diskless-sync-delay", "0"]
         if self.replicaof is not None:
             args += ["--replicaof", "127.0.0.1", str(self.replicaof.port)]
+        args += self.options
         process = self.process = Process(args, self.workdir / f"redis-{self.port}.log")
         try:
             process.wait_line("Ready to accept connections", self.port, "redis-server")

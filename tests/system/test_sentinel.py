@@ -4,6 +4,12 @@ replica and sentinels; the replica is promoted (``SENTINEL FAILOVER``, or the
 master crashes), and while every request keeps answering 200, the cache
 entries of new requests land in the new master.
 
+In the forced failover, the old master cannot be demoted (its ``REPLICAOF`` is
+renamed away, as if the sentinels could not reach it while the proxy still
+can): it stays a master that takes writes, and nothing ever closes the
+proxy's connections to it.  Only the sentinels' announcement
+(``+switch-master``) can move the proxy.
+
 That is what the proxy alone can prove it did: after the promotion nothing
 copies the old master's writes into the new one, so an entry there was written
 there.  (Requests would answer 200 without following, too: the proxy degrades
@@ -31,10 +37,16 @@ from tests.system.harness import CACHE_MODELS, UPSTREAM_KEY, StartProxy, chat, p
 NAME = "cache-master"
 
 
+#: A master's options that keep Sentinel from ever demoting it.
+UNDEMOTABLE = ("--rename-command", "REPLICAOF", "", "--rename-command", "SLAVEOF", "")
+
+
 @pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer]]:
-    """A master and its replica, synced."""
-    master = RedisServer(tmp_path)
+def pair(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[RedisServer, RedisServer]]:
+    """A master (with the options a test passes indirectly) and its replica, synced."""
+    master = RedisServer(tmp_path, options=getattr(request, "param", ()))
     replica = RedisServer(tmp_path, replicaof=master)
     wait_for(replica.synced, what="the replica's first sync")
     yield master, replica
@@ -121,6 +133,7 @@ def served_from(proxy: Proxy, server: RedisServer, label: str, timeout: float = 
     assert post(proxy, chat(text))[1]["x-llmproxy-cache"] == "hit"
 
 
+@pytest.mark.parametrize("pair", [UNDEMOTABLE], indirect=True)
 def test_a_forced_failover_moves_new_entries_to_the_new_master(
     pair: tuple[RedisServer, RedisServer],
     watch: Callable[[int], list[RedisSentinel]],
@@ -142,10 +155,10 @@ def test_a_forced_failover_moves_new_entries_to_the_new_master(
         interval=0.1,
     )
     wait_for(lambda: replica.role() == "master", what="the replica to be promoted")
-    # Requests go on meanwhile; once Sentinel demotes the old master (and has it
-    # close its clients), the proxy reconnects to the new one.
+    # Requests go on meanwhile; the proxy follows the announcement.
     served_from(proxy, replica, "after the failover")
-    assert master.role() == "slave"
+    assert master.role() == "master"  # never demoted: the announcement alone moved the proxy
+    assert "the sentinels moved cache-master to 127.0.0.1:" in proxy.process.log()
     assert "Traceback" not in proxy.process.log()
 
 

@@ -66,6 +66,18 @@ class BackoffTests(SynchronousTestCase):
         self.assertNoResult(get(redis))  # tried again after the back-off
         assert connection.calls == 2
 
+    def test_a_replica_refusing_writes_is_redis_away(self) -> None:
+        clock = Clock()
+        connection = Connection()
+        redis = SharedRedis(clock, URL, connection=connection)
+        connection.error = txredisapi.ResponseError(
+            "READONLY You can't write against a read only replica."
+        )
+        failure = self.failureResultOf(get(redis), RedisUnavailable)
+        assert str(failure.value) == "READONLY"
+        self.failureResultOf(get(redis), RedisUnavailable)  # not asked again for now
+        assert connection.calls == 1
+
     def test_a_call_that_never_answers_times_out_then_fails_fast(self) -> None:
         clock = Clock()
         connection = Connection()

@@ -1,8 +1,9 @@
 """
 Redis through Sentinel, without a server: a new connection is handed to the
-pool only if ``ROLE`` says master (bytes replies included), ``SharedRedis``
-builds, uses and closes the sentinel pool, and a master nobody can name is
-"Redis away".
+pool only if ``ROLE`` says master (bytes replies included), a connection whose
+server answers ``READONLY`` is dropped, a sentinel's ``+switch-master`` drops
+the connections to the old master, ``SharedRedis`` builds, uses and closes the
+sentinel pool and its watchers, and a master nobody can name is "Redis away".
 """
 
 from __future__ import annotations
@@ -11,15 +12,24 @@ from types import SimpleNamespace
 from typing import Any
 
 import txredisapi
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from llmproxy import redisclient, redissentinel
 from llmproxy.config import Redis, Sentinel
 from llmproxy.redisclient import RedisUnavailable, SharedRedis
-from llmproxy.redissentinel import MasterFactory, MasterProtocol, role_name
+from llmproxy.redissentinel import (
+    SWITCH_CHANNEL,
+    MasterFactory,
+    MasterProtocol,
+    SwitchProtocol,
+    SwitchWatcher,
+    role_name,
+)
 
 SENTINEL = Sentinel("cache", (("10.0.0.1", 26379), ("10.0.0.2", 26379)), db=3, password="pw")
 CONFIG = Redis(url=None, timeout=0.5, sentinel=SENTINEL)
@@ -84,6 +94,82 @@ class RoleTests(SynchronousTestCase):
         assert issubclass(MasterFactory, txredisapi.SentinelConnectionFactory)
         assert MasterFactory.protocol is MasterProtocol
 
+    def test_a_master_demoted_under_a_connection_drops_it(self) -> None:
+        wire = Wire()
+        wire.receive(b"*3\r\n$6\r\nmaster\r\n:0\r\n*0\r\n")
+        written = wire.protocol.set(b"k", b"v")
+        wire.receive(b"-READONLY You can't write against a read only replica.\r\n")
+        assert "READONLY" in str(self.failureResultOf(written, txredisapi.ResponseError).value)
+        assert wire.transport.disconnecting
+
+    def test_other_errors_leave_the_connection_alone(self) -> None:
+        wire = Wire()
+        wire.receive(b"*3\r\n$6\r\nmaster\r\n:0\r\n*0\r\n")
+        written = wire.protocol.set(b"k", b"v")
+        wire.receive(b"-ERR invalid expire time in 'set' command\r\n")
+        self.failureResultOf(written, txredisapi.ResponseError)
+        assert not wire.transport.disconnecting
+
+
+def connected_to(host: str, port: int) -> SimpleNamespace:
+    """A pool connection, as far as :class:`SwitchWatcher` looks at one."""
+    return SimpleNamespace(transport=StringTransport(peerAddress=IPv4Address("TCP", host, port)))
+
+
+class SwitchTests(SynchronousTestCase):
+    def test_a_watcher_subscribes_and_hands_on_what_the_sentinel_announces(self) -> None:
+        heard: list[Any] = []
+        clock = Clock()
+        protocol = SwitchProtocol()
+        protocol.factory = SimpleNamespace(switched=heard.append)
+        protocol.callLater = clock.callLater  # the parser resumes after each bulk string
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        assert transport.value() == bulk(b"SUBSCRIBE", SWITCH_CHANNEL.encode())
+        for data in (
+            b"*3\r\n$9\r\nsubscribe\r\n$14\r\n+switch-master\r\n:1\r\n",
+            bulk(b"message", b"+switch-master", b"cache 10.0.0.5 6379 10.0.0.6 6380"),
+        ):
+            protocol.dataReceived(data)
+            while clock.getDelayedCalls():
+                clock.advance(0)
+        assert heard == ["cache 10.0.0.5 6379 10.0.0.6 6380"]
+        assert not transport.disconnecting
+
+    def test_a_refused_subscription_reconnects(self) -> None:
+        protocol = SwitchProtocol()
+        protocol.factory = SimpleNamespace(switched=lambda _: None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"-NOPERM no permissions to run the 'subscribe' command\r\n")
+        assert transport.disconnecting
+
+    def test_a_switch_drops_the_connections_to_the_old_master_only(self) -> None:
+        old, new = connected_to("10.0.0.5", 6379), connected_to("10.0.0.6", 6380)
+        watcher = SwitchWatcher("cache", SimpleNamespace(pool=[old, new]))
+        watcher.switched("cache 10.0.0.5 6379 10.0.0.6 6380")
+        assert old.transport.disconnecting and not new.transport.disconnecting
+
+    def test_other_masters_and_garbage_are_ignored(self) -> None:
+        old = connected_to("10.0.0.5", 6379)
+        watcher = SwitchWatcher("cache", SimpleNamespace(pool=[old]))
+        for message in (
+            "sessions 10.0.0.5 6379 10.0.0.6 6380",
+            "cache 10.0.0.5 6379",
+            "cache 10.0.0.5 6379 10.0.0.6 port",
+            "",
+        ):
+            watcher.switched(message)
+        assert not old.transport.disconnecting
+        watcher.switched(b"cache 10.0.0.5 6379 10.0.0.6 6380")  # bytes, as with charset=None
+        assert old.transport.disconnecting
+
+    def test_a_watcher_keeps_reconnecting(self) -> None:
+        watcher = SwitchWatcher("cache", SimpleNamespace(pool=[]))
+        assert watcher.maxDelay == 10.0
+        self.successResultOf(watcher.stopTrying())
+        assert not watcher.stopped
+
 
 class Recorder:
     """Stands for txredisapi's Sentinel manager and for the pool it hands out."""
@@ -98,6 +184,7 @@ class Recorder:
 
     def master_for(self, name: str, **kwargs: Any) -> Recorder:
         self.master = {"name": name, **kwargs}
+        self._factory = SimpleNamespace(pool=[])
         return self
 
     def get(self, key: str) -> Deferred[Any]:
@@ -118,8 +205,16 @@ class SharedRedisTests(SynchronousTestCase):
             return made[-1]
 
         self.patch(txredisapi, "Sentinel", sentinel)
-        sentinels, pool = redisclient.connect_sentinel(SENTINEL, 0.5)
+        endpoints: list[Any] = []
+        self.patch(SwitchWatcher, "startConnecting", lambda watcher, e: endpoints.append(e))
+        pool, others = redisclient.connect_sentinel(SENTINEL, 0.5, MemoryReactorClock())
+        sentinels, *watchers = others
         assert sentinels is made[0] and pool is made[0]
+        # One failover watcher per sentinel, for this master and this pool.
+        assert [type(w) for w in watchers] == [SwitchWatcher, SwitchWatcher]
+        assert all(w.name == "cache" and w.master_pool is pool._factory for w in watchers)
+        assert all(isinstance(e, HostnameEndpoint) for e in endpoints)
+        assert [(e._hostText, e._port) for e in endpoints] == list(SENTINEL.addresses)
         assert made[0].args == ([("10.0.0.1", 26379), ("10.0.0.2", 26379)],)
         assert made[0].kwargs == {"connectTimeout": 0.5, "replyTimeout": 0.5}
         master = made[0].master
@@ -130,12 +225,12 @@ class SharedRedisTests(SynchronousTestCase):
         assert master["replyTimeout"] == 0.5 and master["isLazy"] is True
 
     def test_start_connects_through_the_sentinels_and_stop_closes_both(self) -> None:
-        sentinels, pool = Recorder(), Recorder()
+        sentinels, watcher, pool = Recorder(), Recorder(), Recorder()
         asked: list[tuple[Sentinel, float]] = []
 
-        def connect(config: Sentinel, timeout: float) -> tuple[Recorder, Recorder]:
+        def connect(config: Sentinel, timeout: float, reactor: Any) -> tuple[Any, list[Any]]:
             asked.append((config, timeout))
-            return sentinels, pool
+            return pool, [sentinels, watcher]
 
         self.patch(redisclient, "connect_sentinel", connect)
         redis = SharedRedis(Clock(), CONFIG)
@@ -145,7 +240,7 @@ class SharedRedisTests(SynchronousTestCase):
         assert got == b"value" and pool.commands == [("get", "k")]
         pool.disconnected = 1  # the pool's disconnect fails: the sentinels still close
         self.successResultOf(redis.stopService())
-        assert (pool.disconnected, sentinels.disconnected) == (2, 1)
+        assert (pool.disconnected, sentinels.disconnected, watcher.disconnected) == (2, 1, 1)
         self.failureResultOf(Deferred.fromCoroutine(redis.call("get", "k")), RedisUnavailable)
 
     def test_no_master_to_be_found_is_redis_away(self) -> None:
