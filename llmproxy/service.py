@@ -30,6 +30,7 @@ from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.defer import TimeoutError as DeferTimeoutError
+from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
 from llmproxy import config as config_module
@@ -43,7 +44,14 @@ from llmproxy.requestlog import RequestLog
 from llmproxy.signals import SignalHandlers, exit_cleanly
 from llmproxy.site import GatewaySite
 from llmproxy.upstream.client import UpstreamPools
-from llmproxy.workers import FAMILIES, Inherited, ListeningPort, ParentWatch, Supervisor
+from llmproxy.workers import (
+    FAMILIES,
+    Inherited,
+    ListeningPort,
+    ParentWatch,
+    PortService,
+    Supervisor,
+)
 
 
 class GatewayService(MultiService):
@@ -58,28 +66,20 @@ class GatewayService(MultiService):
             await maybeDeferred(service.stopService)
 
 
-class AdoptedPort(Service):
+class AdoptedPort(PortService):
     """A listening socket inherited from the parent of ``--workers``, served here."""
 
     def __init__(self, reactor: Any, inherited: Inherited, site: GatewaySite) -> None:
-        self.reactor = reactor
+        super().__init__(reactor)
         self.inherited = inherited
         self.site = site
-        self.port: Any = None
 
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
+    def open(self) -> IListeningPort:
         fd, family = self.inherited.fd, FAMILIES[self.inherited.family]
         # adoptStreamPort works on a duplicate; the inherited descriptor is ours to close.
-        self.port = self.reactor.adoptStreamPort(fd, family, self.site)
+        port = self.reactor.adoptStreamPort(fd, family, self.site)
         os.close(fd)
-
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()
-        if self.port is None:
-            return None
-        port, self.port = self.port, None
-        return maybeDeferred(port.stopListening)
+        return port
 
 
 class HTTPService(MultiService):

@@ -137,36 +137,25 @@ def address(port: IListeningPort) -> str:
     return str(host)
 
 
-class ListeningPort(Service):
+class PortService(Service):
     """
-    One ``--listen`` endpoint, bound in ``privilegedStartService``; it logs the
-    address it got (``llmproxy listening on 127.0.0.1:PORT``: with port 0, the
-    port the kernel chose).
+    A listening port as a service: :meth:`open` makes it in
+    ``privilegedStartService`` (before twistd drops privileges), and it stops
+    listening when the service stops.
     """
 
-    log = Logger()
-
-    def __init__(self, reactor: Any, description: str, factory: Any, what: str) -> None:
+    def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
-        self.description = description
-        self.factory = factory
-        self.what = what
         self.port: Any = None
+
+    def open(self) -> IListeningPort:
+        """The listening port, made now."""
+        raise NotImplementedError
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         if self.port is None:
-            self.port = listen_now(self.reactor, self.description, self.factory)
-            self.log.info(
-                "{what} listening on {address} ({description})",
-                what=self.what,
-                address=address(self.port),
-                description=self.description,
-            )
-
-    def startService(self) -> None:
-        super().startService()
-        self.privilegedStartService()
+            self.port = self.open()
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
@@ -174,6 +163,35 @@ class ListeningPort(Service):
             return None
         port, self.port = self.port, None
         return maybeDeferred(port.stopListening)
+
+
+class ListeningPort(PortService):
+    """
+    One ``--listen`` endpoint; it logs the address it got (``llmproxy listening
+    on 127.0.0.1:PORT``: with port 0, the port the kernel chose).
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, description: str, factory: Any, what: str) -> None:
+        super().__init__(reactor)
+        self.description = description
+        self.factory = factory
+        self.what = what
+
+    def open(self) -> IListeningPort:
+        port = listen_now(self.reactor, self.description, self.factory)
+        self.log.info(
+            "{what} listening on {address} ({description})",
+            what=self.what,
+            address=address(port),
+            description=self.description,
+        )
+        return port
+
+    def startService(self) -> None:
+        super().startService()
+        self.privilegedStartService()
 
 
 def bind(reactor: Any, description: str) -> IListeningPort:
