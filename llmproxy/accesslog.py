@@ -334,8 +334,8 @@ class AccessLog(Service):
     """
     The access log of a process, as a service: :meth:`write` one record per
     finished request; the lines reach ``path`` (``-``: standard output) every
-    ``flush_interval`` seconds, or as soon as more than ``max_buffer`` bytes
-    wait.  Stopping writes everything that waits, for up to
+    ``flush_interval`` seconds (0: each at once), or as soon as more than
+    ``max_buffer`` bytes wait.  Stopping writes everything that waits, for up to
     :attr:`stop_timeout` seconds.  Records are dropped (and the drop logged)
     rather than kept without bound while the log is not running or while the
     writer thread is :attr:`max_queued` bytes behind.
@@ -378,10 +378,18 @@ class AccessLog(Service):
             raise AccessLogError(f"cannot open the access log {self.path!r}: {e}") from e
         self._writer = Writer(self.path, fd, self.stdout, self.max_queued)
         self._writer.start()
-        self._loop = LoopingCall(self.flush)
-        self._loop.clock = self.reactor
-        self._loop.start(self.flush_interval, now=False)
+        self._start_loop()
         super().startService()
+
+    def _start_loop(self) -> None:
+        """Flush every ``flush_interval`` seconds (with 0, :meth:`write` flushes)."""
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        if self.flush_interval > 0:
+            self._loop = LoopingCall(self.flush)
+            self._loop.clock = self.reactor
+            self._loop.start(self.flush_interval, now=False)
 
     def stopService(self) -> None:
         """Write what waits, close the file; this blocks, for up to :attr:`stop_timeout`."""
@@ -413,7 +421,7 @@ class AccessLog(Service):
             return
         self._lines.append(line)
         self._size += len(line)
-        if self._size > self.max_buffer:
+        if self._size > self.max_buffer or not self.flush_interval:
             self.flush()
 
     def flush(self) -> None:
@@ -450,13 +458,20 @@ class AccessLog(Service):
         if self._writer is not None and self.path != STDOUT:
             self._writer.switch(self.path)
 
-    def retarget(self, path: str, format: str) -> None:
-        """Write what comes from now on to ``path`` in ``format``, after what came so far."""
+    def retarget(self, path: str, format: str, flush_interval: float | None = None) -> None:
+        """
+        Write what comes from now on to ``path`` in ``format`` (and flush every
+        ``flush_interval`` seconds, when given), after what came so far.
+        """
         make = formatter(format)  # ValueError before anything changes
         self.flush()
         self.path, self.format, self._format = path, format, make
         if self._writer is not None:
             self._writer.switch(path)
+        if flush_interval is not None and flush_interval != self.flush_interval:
+            self.flush_interval = flush_interval
+            if self._writer is not None:
+                self._start_loop()
 
     def _log_reports(self, writer: Writer) -> None:
         while True:

@@ -201,6 +201,8 @@ class AccessLog:
 
     path: str
     format: str = "json"
+    #: Seconds between writes of the buffered lines (0: each record at once).
+    flush: float = 1.0
 
 
 @attrs.frozen
@@ -650,10 +652,11 @@ def _server(raw: object, path: str) -> Server:
 
 
 def _access_log(raw: object, path: str) -> AccessLog:
-    s = _Section(raw, path, ("path", "format"))
+    s = _Section(raw, path, ("path", "format", "flush"))
     return AccessLog(
         path=s.require("path", _string),
         format=s.get("format", _choice(ACCESS_LOG_FORMATS), "json"),
+        flush=s.get("flush", _number(0), 1.0),
     )
 
 

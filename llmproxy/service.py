@@ -284,14 +284,14 @@ class AccessLogs:
             self.log.disownServiceParent()
             self.log = None
         elif self.log is None:
-            self.log = AccessLog(self.reactor, settings.path, settings.format)
+            self.log = AccessLog(self.reactor, settings.path, settings.format, settings.flush)
             self.log.setName("access-log")
             self.top.addService(self.log)
             _before_http(self.top, self.log)
             self.requests.access_log = self.log
             self.site.combined_log = False
         else:
-            self.log.retarget(settings.path, settings.format)
+            self.log.retarget(settings.path, settings.format, settings.flush)
         self.settings = settings
 
     def reopen(self) -> None:

@@ -66,15 +66,22 @@ DOCUMENTED = [
 ]
 
 
-def config(mock: Mock, log: Path, format: str = "json", key_name: str = "team-a") -> str:
-    """Model m renamed upstream (mock-model), model plain as it is; one client key."""
+def config(
+    mock: Mock, log: Path, format: str = "json", key_name: str = "team-a", flush: float | None = 0
+) -> str:
+    """
+    Model m renamed upstream (mock-model), model plain as it is; one client
+    key.  The log writes each record at once (``flush: 0``), so the tests read
+    it without waiting for a timer; ``flush=None`` keeps the default (a second).
+    """
+    every = "" if flush is None else f", flush: {flush}"
     return upstream_block([mock], api_key=UPSTREAM_KEY) + (
         "models:\n"
         "  m: {targets: [{upstream: main, model: mock-model}]}\n"
         "  plain: {targets: [{upstream: main}]}\n"
         f"auth: {{keys: [{{name: {json.dumps(key_name)}, key: key-a}}]}}\n"
         "cache: {backend: off}\n"
-        f"access_log: {{path: '{log}', format: {format}}}\n"
+        f"access_log: {{path: '{log}', format: {format}{every}}}\n"
     )
 
 
@@ -116,7 +123,7 @@ def records(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def logged_records(path: Path, *request_ids: str) -> dict[str, dict[str, Any]]:
-    """The records of ``request_ids``, once all of them are in the file (flushed each second)."""
+    """The records of ``request_ids``, once all of them are in the file."""
 
     def all_there() -> dict[str, dict[str, Any]]:
         found = records(path)
@@ -352,9 +359,9 @@ def test_the_text_format_is_one_logfmt_line_per_request(
     assert float(values["duration_ms"]) >= float(values["ttfb_ms"]) >= 0
 
 
-def start_fleet(workdir: Path, mock: Mock) -> tuple[Proxy, Path]:
+def start_fleet(workdir: Path, mock: Mock, flush: float | None = 0) -> tuple[Proxy, Path]:
     path = workdir / "access.log"
-    return Proxy(workdir, config(mock, path), name="fleet", workers=2), path
+    return Proxy(workdir, config(mock, path, flush=flush), name="fleet", workers=2), path
 
 
 def health_by(proxy: Proxy, request_id: str) -> int:
@@ -366,7 +373,8 @@ def health_by(proxy: Proxy, request_id: str) -> int:
 
 
 def test_two_workers_write_whole_lines_to_one_file(tmp_path: Path, fresh_mock: Mock) -> None:
-    proxy, path = start_fleet(tmp_path, fresh_mock)
+    # The default flush: each write holds a second's worth of lines.
+    proxy, path = start_fleet(tmp_path, fresh_mock, flush=None)
     try:
         # Long request ids make long lines; many at once keep both workers writing.
         padding = "x" * 100

@@ -101,13 +101,13 @@ def money_config(mock: Mock, log: Path) -> str:
         + models
         + keys(f"{{name: team-a, key: {SECRET_A}}}")
         + "cache: {backend: memory}\n"
-        + f"access_log: {{path: '{log}', format: json}}\n"
+        + f"access_log: {{path: '{log}', format: json, flush: 0}}\n"
     )
 
 
 @pytest.fixture(scope="module")
 def money(tmp_path_factory: pytest.TempPathFactory, mock: Mock) -> Iterator[Proxy]:
-    """A proxy with prices, one key, a memory cache and a JSON access log."""
+    """A proxy with prices, one key, a memory cache and a JSON access log written at once."""
     workdir = tmp_path_factory.mktemp("money")
     proxy = Proxy(workdir, money_config(mock, workdir / "access.log"), name="money")
     yield proxy
@@ -174,7 +174,7 @@ def metric(proxy: Proxy, name: str, **labels: str) -> float | None:
 
 
 def log_record(proxy: Proxy, request_id: str) -> dict[str, Any]:
-    """The access-log record of ``request_id``, once it is written (flushed each second)."""
+    """The access-log record of ``request_id``, once it is written (``flush: 0``: at once)."""
     path = proxy.config_path.parent / "access.log"
 
     def found() -> dict[str, Any]:

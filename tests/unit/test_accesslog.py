@@ -306,6 +306,36 @@ class WriterTests(SynchronousTestCase):
         assert ids(files.lines("access.log.1")) == ["before", "buffered"]
         assert ids(files.lines()) == ["after"]
 
+    def test_a_flush_of_zero_hands_each_record_over_at_once(self) -> None:
+        files = Files(self)
+        access = files.log(flush_interval=0)
+        access.write(record(request_id="a"))
+        written(access)
+        assert ids(files.lines()) == ["a"]
+        assert files.clock.getDelayedCalls() == []  # no timer to fire
+
+    def test_retarget_changes_the_flush_interval(self) -> None:
+        files = Files(self)
+        access = files.log(flush_interval=1.0)
+        access.retarget(str(files.dir / "access.log"), "json", 0.25)
+        access.write(record(request_id="a"))
+        files.clock.advance(0.25)
+        written(access)
+        assert ids(files.lines()) == ["a"]
+        access.retarget(str(files.dir / "access.log"), "json", 0)
+        access.write(record(request_id="b"))
+        written(access)
+        assert ids(files.lines()) == ["a", "b"]
+        assert files.clock.getDelayedCalls() == []
+        access.retarget(str(files.dir / "access.log"), "json", 2.0)
+        access.write(record(request_id="c"))
+        files.clock.advance(1.99)
+        written(access)
+        assert ids(files.lines()) == ["a", "b"]
+        files.clock.advance(0.01)
+        written(access)
+        assert ids(files.lines()) == ["a", "b", "c"]
+
     def test_retarget_moves_path_and_format_in_order(self) -> None:
         files = Files(self)
         access = files.log()

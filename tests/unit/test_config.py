@@ -101,6 +101,19 @@ class SchemaTests(SynchronousTestCase):
         )
         assert error_of(timeouts) == "upstreams.local.timeouts.idle: must be > 0, got 0"
 
+    def test_the_access_log_flush_defaults_to_a_second_and_may_be_zero(self) -> None:
+        def log(extra: str) -> object:
+            config = parse_yaml(MINIMAL + extra, "test.yaml", {"OPENAI_API_KEY": "k"})
+            assert config.access_log is not None
+            return config.access_log.flush
+
+        assert log("access_log: {path: '-'}\n") == 1.0
+        assert log("access_log: {path: '-', flush: 0}\n") == 0.0
+        assert log("access_log: {path: '-', flush: 0.2}\n") == 0.2
+        assert error_of(MINIMAL + "access_log: {path: '-', flush: -1}\n") == (
+            "access_log.flush: must be >= 0, got -1"
+        )
+
     def test_auth_keys_are_validated(self) -> None:
         keys = MINIMAL + "auth:\n  keys:\n    - name: a\n      key: k1\n      models: [gpt-5]\n"
         assert error_of(keys) == "auth.keys[0].models[0]: no model named 'gpt-5'"
