@@ -5,6 +5,7 @@ behind a real ``twistd -n llmproxy``; two proxies sharing cooldowns in Redis.
 
 from __future__ import annotations
 
+import functools
 import json
 import urllib.request
 
@@ -38,11 +39,18 @@ def config(
     return "\n".join(lines) + "\n" + extra
 
 
+@functools.cache
+def sdk(proxy: Proxy) -> openai.OpenAI:
+    """
+    One SDK client per proxy: making one loads the CA bundle (about 35 ms of
+    CPU each), and these tests ask some ninety questions.
+    """
+    return openai.OpenAI(base_url=proxy.base_url, api_key="x", max_retries=0)
+
+
 def ask(proxy: Proxy, text: str = "hi") -> tuple[str, str]:
     """One chat completion: (who answered, what it said)."""
-    raw = openai.OpenAI(
-        base_url=proxy.base_url, api_key="x", max_retries=0
-    ).chat.completions.with_raw_response.create(
+    raw = sdk(proxy).chat.completions.with_raw_response.create(
         model="m", messages=[{"role": "user", "content": text}]
     )
     answer = raw.parse()
@@ -114,9 +122,9 @@ def test_429_retry_after_cools_then_recovers(fresh_trio: Trio, start: StartProxy
 def test_stream_cut_is_not_retried(fresh_trio: Trio, start: StartProxy) -> None:
     fresh_trio["a"].configure(cut_after=2)
     proxy = start(config(fresh_trio, strategy="priority", names="ab"))
-    stream = openai.OpenAI(
-        base_url=proxy.base_url, api_key="x", max_retries=0
-    ).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], stream=True)
+    stream = sdk(proxy).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "x"}], stream=True
+    )
     got = []
     with pytest.raises(openai.APIError):
         for chunk in stream:
@@ -135,7 +143,7 @@ def test_fallback_tier(fresh_trio: Trio, start: StartProxy) -> None:
 
 def test_affinity_across_ten_follow_ups(fresh_trio: Trio, start: StartProxy) -> None:
     proxy = start(config(fresh_trio))
-    client = openai.OpenAI(base_url=proxy.base_url, api_key="x", max_retries=0)
+    client = sdk(proxy)
     raw = client.responses.with_raw_response.create(model="m", input="start")
     owner = raw.headers["x-llmproxy-upstream"]
     response = raw.parse()
