@@ -367,6 +367,7 @@ class AccessLog(Service):
         self._lines: list[bytes] = []
         self._size = 0
         self._dropped = 0  # records refused: not running, or the writer too far behind
+        self._dropped_said = float("-inf")  # when the last drop was logged
         self._writer: Writer | None = None
         self._loop: LoopingCall | None = None
 
@@ -397,6 +398,7 @@ class AccessLog(Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
+        self._dropped_said = float("-inf")  # the last word on drops, whenever the one before
         self.flush()
         writer, self._writer = self._writer, None
         if writer is None:
@@ -433,7 +435,9 @@ class AccessLog(Service):
             if not writer.write(b"".join(self._lines)):
                 self._dropped += len(self._lines)
             self._lines, self._size = [], 0
-        if self._dropped:
+        # Said at most once a second, however often the log is flushed (flush: 0).
+        if self._dropped and self.reactor.seconds() >= self._dropped_said + 1.0:
+            self._dropped_said = self.reactor.seconds()
             self.log.warn(
                 "{count} access log records were dropped: the log was not running, or"
                 " {path} fell more than {limit} bytes behind",

@@ -11,6 +11,7 @@ e.g. ``models.gpt-4o.targets[1].upstream: no upstream named 'azure'``.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -395,6 +396,8 @@ def _number(low: float = 0, allow_equal: bool = True) -> Callable[[object, str],
                 raise ConfigError(path, f"expected a number, got '{value}'") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, f"expected a number, got {_type_name(value)}")
+        if not math.isfinite(value):  # YAML's .nan and .inf, or 'nan' as a string
+            raise ConfigError(path, f"expected a finite number, got {value}")
         if value < low or (value == low and not allow_equal):
             op = ">=" if allow_equal else ">"
             raise ConfigError(path, f"must be {op} {low:g}, got {value:g}")

@@ -116,7 +116,8 @@ def connect_sentinel(config: Sentinel, timeout: float, reactor: Any) -> tuple[An
     )
     others: list[Any] = [sentinels]
     for host, port in config.addresses:
-        watcher = redissentinel.SwitchWatcher(config.master, pool._factory)
+        # The handler's factory is the pool itself (txredisapi has no public name for it).
+        watcher = redissentinel.SwitchWatcher(config.master, pool._factory, reactor)
         watcher.startConnecting(HostnameEndpoint(reactor, host, port, timeout=timeout))
         others.append(watcher)
     return pool, others
@@ -183,16 +184,18 @@ class SharedRedis(Service):
             # builtins: those mean Redis is away.
             if any(c.__name__ == "ConnectionError" for c in type(e).__mro__):
                 raise self._away(command, e) from None
-            # A replica (demoted under the connection, or named by redis.url)
-            # refuses every write: away too, until the pool reconnects.
-            if str(e).startswith("READONLY"):
+            # A master demoted under the connection refuses every write: Redis
+            # is away until the pool reconnects to the one the sentinels name.
+            # (A replica named by redis.url refuses writes and stays: those
+            # calls alone fail, below.)
+            readonly = str(e).startswith("READONLY")
+            if readonly and self.config.sentinel is not None:
                 raise self._away(command, e, "READONLY") from None
             # Anything else (a refused command, a value it cannot encode) is
             # about this one call: Redis is fine for everybody else.
-            self.log.warn(
-                "redis {command} refused: {error}", command=command, error=type(e).__name__
-            )
-            raise RedisUnavailable(type(e).__name__) from None
+            name = "READONLY" if readonly else type(e).__name__
+            self.log.warn("redis {command} refused: {error}", command=command, error=name)
+            raise RedisUnavailable(name) from None
 
     def _away(self, command: str, error: Exception, name: str = "") -> RedisUnavailable:
         """Redis is away: fail fast for a moment, and say so once per outage."""

@@ -35,11 +35,17 @@ from typing import Any
 
 import txredisapi
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 #: The channel on which a sentinel announces a failover's end, with the message
 #: ``"<master name> <old ip> <old port> <new ip> <new port>"``.
 SWITCH_CHANNEL = "+switch-master"
+
+#: Seconds between the PINGs on a sentinel subscription, and how long each may
+#: go unanswered before the connection is dropped and made again.
+HEARTBEAT = 5.0
 
 #: Seconds to wait for a sentinel to name a healthy master before trying again
 #: (txredisapi waits 10): while a master is down, a reconnection attempt waits
@@ -138,20 +144,49 @@ def peer_of(connection: Any) -> tuple[str, int]:
 
 
 class SwitchProtocol(txredisapi.SubscriberProtocol):
-    """A connection to one sentinel, subscribed to its failover announcements."""
+    """
+    A connection to one sentinel, subscribed to its failover announcements,
+    and PINGed every :data:`HEARTBEAT` seconds: a sentinel that stops answering
+    (a half-open connection, a host gone without a reset) is dropped, and the
+    watcher reconnects, instead of waiting for announcements that never come.
+    """
 
     log = Logger()
+    _beat: LoopingCall | None = None
 
     def connectionMade(self) -> Any:
-        self.subscribe(SWITCH_CHANNEL).addErrback(self._refused)
+        self.subscribe(SWITCH_CHANNEL).addCallbacks(self._subscribed, self._refused)
         return super().connectionMade()
 
+    def _subscribed(self, _: Any) -> None:
+        self._beat = LoopingCall(self._ping)
+        self._beat.clock = self.factory.clock
+        self._beat.start(HEARTBEAT, now=False)
+
+    def _ping(self) -> None:
+        self.ping().addTimeout(HEARTBEAT, self.factory.clock).addErrback(self._silent)
+
+    def _silent(self, failure: Any) -> None:
+        if self.connected:
+            self.log.warn(
+                "redis: a sentinel did not answer PING ({error}); reconnecting",
+                error=failure.getErrorMessage(),
+            )
+            self.transport.abortConnection()
+
     def _refused(self, failure: Any) -> None:
-        self.log.warn(
-            "redis: a sentinel refused SUBSCRIBE ({error}); reconnecting",
-            error=failure.getErrorMessage(),
-        )
+        if not failure.check(txredisapi.ConnectionError):  # not merely a lost connection
+            self.log.warn(
+                "redis: a sentinel refused SUBSCRIBE ({error}); reconnecting",
+                error=failure.getErrorMessage(),
+            )
         self.transport.loseConnection()
+
+    def connectionLost(self, why: Any) -> None:
+        if self._beat is not None and self._beat.running:
+            self._beat.stop()
+        self._beat = None
+        super().connectionLost(why)
 
     def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:  # noqa: N802
         self.factory.switched(message)
@@ -161,9 +196,14 @@ class SwitchWatcher(KeepTrying, txredisapi.SubscriberFactory):
     """
     One sentinel's ``+switch-master`` subscription, reconnecting for good: when
     it names ``name``'s new master, the connections of ``pool`` (a
-    :class:`MasterFactory`) to any other server are closed, and reconnect
-    through the sentinels to the new one.  Every sentinel announces the same
-    failover: the later announcements close nothing new.
+    :class:`MasterFactory`) to any other server, in the pool or still in their
+    handshake, are closed, and reconnect through the sentinels to the new
+    one.  Every sentinel announces the same failover: the later announcements
+    close nothing new.
+
+    An announcement made while every watcher was disconnected is not heard
+    again; the pool then moves when the old master drops its connections
+    (Sentinel demoting it) or answers ``READONLY``.
     """
 
     protocol = SwitchProtocol
@@ -171,10 +211,11 @@ class SwitchWatcher(KeepTrying, txredisapi.SubscriberFactory):
     #: manager does (each attempt is a log line); the others announce meanwhile.
     maxDelay = 10.0  # noqa: N815 - txredisapi's name
 
-    def __init__(self, name: str, pool: Any) -> None:
+    def __init__(self, name: str, pool: Any, clock: IReactorTime) -> None:
         super().__init__(isLazy=True)
         self.name = name
         self.master_pool = pool
+        self.clock = clock
 
     def switched(self, message: Any) -> None:
         text = message.decode("utf-8", "replace") if isinstance(message, bytes) else str(message)
@@ -182,7 +223,14 @@ class SwitchWatcher(KeepTrying, txredisapi.SubscriberFactory):
         if len(parts) != 5 or parts[0] != self.name or not parts[4].isdigit():
             return
         new = (parts[3], int(parts[4]))
-        stale = [c for c in list(self.master_pool.pool) if peer_of(c) != new]
+        # A slot's connection is there from TCP's connect on; the pool's list
+        # has it only once ROLE said master.  (A slot holds it through
+        # ClientService's proxy object: the transport is what they share.)
+        live = {id(c.transport): c for c in self.master_pool.pool}
+        for slot in self.master_pool.slots:
+            if slot.protocol is not None and slot.protocol.transport is not None:
+                live.setdefault(id(slot.protocol.transport), slot.protocol)
+        stale = [c for c in live.values() if peer_of(c) != new]
         if stale:
             self.log.info(
                 "redis: the sentinels moved {name} to {host}:{port}; reconnecting {count}",

@@ -5,9 +5,9 @@ behind a real ``twistd -n llmproxy``; two proxies sharing cooldowns in Redis.
 
 from __future__ import annotations
 
-import functools
 import json
 import urllib.request
+import weakref
 
 import openai
 import pytest
@@ -39,13 +39,17 @@ def config(
     return "\n".join(lines) + "\n" + extra
 
 
-@functools.cache
+_clients: weakref.WeakKeyDictionary[Proxy, openai.OpenAI] = weakref.WeakKeyDictionary()
+
+
 def sdk(proxy: Proxy) -> openai.OpenAI:
     """
-    One SDK client per proxy: making one loads the CA bundle (about 35 ms of
-    CPU each), and these tests ask some ninety questions.
+    One SDK client per proxy, gone with it: making one loads the CA bundle
+    (about 35 ms of CPU each), and these tests ask some ninety questions.
     """
-    return openai.OpenAI(base_url=proxy.base_url, api_key="x", max_retries=0)
+    if proxy not in _clients:
+        _clients[proxy] = openai.OpenAI(base_url=proxy.base_url, api_key="x", max_retries=0)
+    return _clients[proxy]
 
 
 def ask(proxy: Proxy, text: str = "hi") -> tuple[str, str]:

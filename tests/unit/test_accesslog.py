@@ -409,6 +409,30 @@ class WriterTests(SynchronousTestCase):
         assert ids(files.lines()) == ["a", "b", "c"]
         assert [e["count"] for e in events if "count" in e] == [2]
 
+    def test_drops_are_said_once_a_second_even_when_each_record_is_flushed(self) -> None:
+        files = Files(self)
+        release = threading.Event()
+        self.addCleanup(release.set)
+
+        def hanging(fd: int, data: bytes) -> None:
+            assert release.wait(WAIT), "the test never released the writer"
+            write_all(fd, data)
+
+        self.patch(accesslog, "write_all", hanging)
+        self.patch(AccessLog, "max_queued", len(format_json(record())))
+        access = files.log(flush_interval=0)
+        with capturedLogs() as events:
+            for name in "abcdef":  # "a" hangs, every later record is dropped
+                access.write(record(request_id=name))
+            files.clock.advance(0.5)
+            access.write(record(request_id="g"))
+            files.clock.advance(0.5)
+            access.write(record(request_id="h"))
+        release.set()
+        access.stopService()
+        assert ids(files.lines()) == ["a"]
+        assert [e["count"] for e in events if "count" in e] == [1, 6]
+
     def test_a_reopen_that_fails_keeps_the_old_file(self) -> None:
         files = Files(self)
         access = files.log()

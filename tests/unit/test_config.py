@@ -113,6 +113,10 @@ class SchemaTests(SynchronousTestCase):
         assert error_of(MINIMAL + "access_log: {path: '-', flush: -1}\n") == (
             "access_log.flush: must be >= 0, got -1"
         )
+        for value, shown in ((".nan", "nan"), (".inf", "inf"), ("'nan'", "nan")):
+            assert error_of(MINIMAL + f"access_log: {{path: '-', flush: {value}}}\n") == (
+                f"access_log.flush: expected a finite number, got {shown}"
+            )
 
     def test_auth_keys_are_validated(self) -> None:
         keys = MINIMAL + "auth:\n  keys:\n    - name: a\n      key: k1\n      models: [gpt-5]\n"

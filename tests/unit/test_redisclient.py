@@ -16,11 +16,12 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from llmproxy import redisclient
-from llmproxy.config import Redis
+from llmproxy.config import Redis, Sentinel
 from llmproxy.redisclient import RedisUnavailable, SharedRedis
 from llmproxy.redissentinel import KeepTrying, MasterFactory, PoolFactory
 
 URL = Redis(url="redis://x", timeout=0.25)
+READONLY = txredisapi.ResponseError("READONLY You can't write against a read only replica.")
 
 
 class Connection:
@@ -66,17 +67,24 @@ class BackoffTests(SynchronousTestCase):
         self.assertNoResult(get(redis))  # tried again after the back-off
         assert connection.calls == 2
 
-    def test_a_replica_refusing_writes_is_redis_away(self) -> None:
-        clock = Clock()
+    def test_a_demoted_sentinel_master_is_redis_away(self) -> None:
         connection = Connection()
-        redis = SharedRedis(clock, URL, connection=connection)
-        connection.error = txredisapi.ResponseError(
-            "READONLY You can't write against a read only replica."
-        )
+        sentinel = Redis(url=None, timeout=0.25, sentinel=Sentinel("cache", (("h", 26379),)))
+        redis = SharedRedis(Clock(), sentinel, connection=connection)
+        connection.error = READONLY
         failure = self.failureResultOf(get(redis), RedisUnavailable)
         assert str(failure.value) == "READONLY"
         self.failureResultOf(get(redis), RedisUnavailable)  # not asked again for now
         assert connection.calls == 1
+
+    def test_a_replica_named_by_the_url_fails_only_the_writes(self) -> None:
+        connection = Connection()
+        redis = SharedRedis(Clock(), URL, connection=connection)
+        connection.error = READONLY
+        assert str(self.failureResultOf(get(redis), RedisUnavailable).value) == "READONLY"
+        connection.error = None
+        self.assertNoResult(get(redis))  # the next call still went to Redis
+        assert connection.calls == 2
 
     def test_a_call_that_never_answers_times_out_then_fails_fast(self) -> None:
         clock = Clock()

@@ -15,14 +15,18 @@ import txredisapi
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from llmproxy import redisclient, redissentinel
 from llmproxy.config import Redis, Sentinel
 from llmproxy.redisclient import RedisUnavailable, SharedRedis
 from llmproxy.redissentinel import (
+    HEARTBEAT,
     SWITCH_CHANNEL,
     MasterFactory,
     MasterProtocol,
@@ -116,43 +120,85 @@ def connected_to(host: str, port: int) -> SimpleNamespace:
     return SimpleNamespace(transport=StringTransport(peerAddress=IPv4Address("TCP", host, port)))
 
 
+class Subscription:
+    """A SwitchProtocol just connected to a sentinel, on a Clock."""
+
+    def __init__(self) -> None:
+        self.heard: list[Any] = []
+        self.clock = Clock()
+        self.protocol = SwitchProtocol()
+        self.protocol.factory = SimpleNamespace(switched=self.heard.append, clock=self.clock)
+        self.protocol.callLater = self.clock.callLater  # the parser resumes after each bulk string
+        self.transport = StringTransport()
+        self.protocol.makeConnection(self.transport)
+
+    def receive(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+        while any(call.getTime() <= self.clock.seconds() for call in self.clock.getDelayedCalls()):
+            self.clock.advance(0)
+
+    def confirm(self) -> None:
+        self.receive(b"*3\r\n$9\r\nsubscribe\r\n$14\r\n+switch-master\r\n:1\r\n")
+
+
+def pool_of(*connections: Any, handshaking: Any = None) -> SimpleNamespace:
+    """
+    A MasterFactory as the watcher sees it: ready connections, and slots,
+    which hold theirs through another object (ClientService's proxy).
+    """
+    slots = [SimpleNamespace(protocol=SimpleNamespace(transport=c.transport)) for c in connections]
+    slots.append(SimpleNamespace(protocol=handshaking))
+    return SimpleNamespace(pool=list(connections), slots=slots)
+
+
 class SwitchTests(SynchronousTestCase):
     def test_a_watcher_subscribes_and_hands_on_what_the_sentinel_announces(self) -> None:
-        heard: list[Any] = []
-        clock = Clock()
-        protocol = SwitchProtocol()
-        protocol.factory = SimpleNamespace(switched=heard.append)
-        protocol.callLater = clock.callLater  # the parser resumes after each bulk string
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        assert transport.value() == bulk(b"SUBSCRIBE", SWITCH_CHANNEL.encode())
-        for data in (
-            b"*3\r\n$9\r\nsubscribe\r\n$14\r\n+switch-master\r\n:1\r\n",
-            bulk(b"message", b"+switch-master", b"cache 10.0.0.5 6379 10.0.0.6 6380"),
-        ):
-            protocol.dataReceived(data)
-            while clock.getDelayedCalls():
-                clock.advance(0)
-        assert heard == ["cache 10.0.0.5 6379 10.0.0.6 6380"]
-        assert not transport.disconnecting
+        sub = Subscription()
+        assert sub.transport.value() == bulk(b"SUBSCRIBE", SWITCH_CHANNEL.encode())
+        sub.confirm()
+        sub.receive(bulk(b"message", b"+switch-master", b"cache 10.0.0.5 6379 10.0.0.6 6380"))
+        assert sub.heard == ["cache 10.0.0.5 6379 10.0.0.6 6380"]
+        assert not sub.transport.disconnecting
+
+    def test_a_sentinel_that_answers_ping_is_kept(self) -> None:
+        sub = Subscription()
+        sub.confirm()
+        sub.transport.clear()
+        for _ in range(3):
+            sub.clock.advance(HEARTBEAT)
+            assert sub.transport.value() == bulk(b"PING")
+            sub.transport.clear()
+            sub.receive(b"*2\r\n$4\r\npong\r\n$0\r\n\r\n")
+        assert not sub.transport.disconnecting
+
+    def test_a_silent_sentinel_is_dropped_so_the_watcher_reconnects(self) -> None:
+        sub = Subscription()
+        sub.confirm()
+        sub.clock.advance(HEARTBEAT)  # PING
+        assert not sub.transport.disconnecting
+        sub.clock.advance(HEARTBEAT)  # no answer
+        assert sub.transport.disconnecting
+        sub.protocol.connectionLost(Failure(ConnectionDone()))
+        assert sub.clock.getDelayedCalls() == []  # no heartbeat left behind
 
     def test_a_refused_subscription_reconnects(self) -> None:
-        protocol = SwitchProtocol()
-        protocol.factory = SimpleNamespace(switched=lambda _: None)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        protocol.dataReceived(b"-NOPERM no permissions to run the 'subscribe' command\r\n")
-        assert transport.disconnecting
+        sub = Subscription()
+        sub.receive(b"-NOPERM no permissions to run the 'subscribe' command\r\n")
+        assert sub.transport.disconnecting
 
     def test_a_switch_drops_the_connections_to_the_old_master_only(self) -> None:
         old, new = connected_to("10.0.0.5", 6379), connected_to("10.0.0.6", 6380)
-        watcher = SwitchWatcher("cache", SimpleNamespace(pool=[old, new]))
-        watcher.switched("cache 10.0.0.5 6379 10.0.0.6 6380")
-        assert old.transport.disconnecting and not new.transport.disconnecting
+        shaking = connected_to("10.0.0.5", 6379)  # connected, ROLE not answered yet
+        watcher = SwitchWatcher("cache", pool_of(old, new, handshaking=shaking), Clock())
+        with capturedLogs() as events:
+            watcher.switched("cache 10.0.0.5 6379 10.0.0.6 6380")
+        assert old.transport.disconnecting and shaking.transport.disconnecting
+        assert not new.transport.disconnecting
+        assert [e["count"] for e in events if "count" in e] == [2]  # each connection once
 
     def test_other_masters_and_garbage_are_ignored(self) -> None:
         old = connected_to("10.0.0.5", 6379)
-        watcher = SwitchWatcher("cache", SimpleNamespace(pool=[old]))
+        watcher = SwitchWatcher("cache", pool_of(old), Clock())
         for message in (
             "sessions 10.0.0.5 6379 10.0.0.6 6380",
             "cache 10.0.0.5 6379",
@@ -164,10 +210,10 @@ class SwitchTests(SynchronousTestCase):
         watcher.switched(b"cache 10.0.0.5 6379 10.0.0.6 6380")  # bytes, as with charset=None
         assert old.transport.disconnecting
 
-    def test_a_watcher_keeps_reconnecting(self) -> None:
-        watcher = SwitchWatcher("cache", SimpleNamespace(pool=[]))
+    def test_a_watcher_never_stops_trying(self) -> None:
+        watcher = SwitchWatcher("cache", pool_of(), Clock())
         assert watcher.maxDelay == 10.0
-        self.successResultOf(watcher.stopTrying())
+        self.successResultOf(watcher.stopTrying())  # as after a failed handshake
         assert not watcher.stopped
 
 
@@ -207,12 +253,14 @@ class SharedRedisTests(SynchronousTestCase):
         self.patch(txredisapi, "Sentinel", sentinel)
         endpoints: list[Any] = []
         self.patch(SwitchWatcher, "startConnecting", lambda watcher, e: endpoints.append(e))
-        pool, others = redisclient.connect_sentinel(SENTINEL, 0.5, MemoryReactorClock())
+        reactor = MemoryReactorClock()
+        pool, others = redisclient.connect_sentinel(SENTINEL, 0.5, reactor)
         sentinels, *watchers = others
         assert sentinels is made[0] and pool is made[0]
         # One failover watcher per sentinel, for this master and this pool.
         assert [type(w) for w in watchers] == [SwitchWatcher, SwitchWatcher]
         assert all(w.name == "cache" and w.master_pool is pool._factory for w in watchers)
+        assert all(w.clock is reactor for w in watchers)
         assert all(isinstance(e, HostnameEndpoint) for e in endpoints)
         assert [(e._hostText, e._port) for e in endpoints] == list(SENTINEL.addresses)
         assert made[0].args == ([("10.0.0.1", 26379), ("10.0.0.2", 26379)],)
