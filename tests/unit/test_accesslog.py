@@ -385,8 +385,8 @@ class WriterTests(SynchronousTestCase):
         assert [e["lost"] for e in events if "lost" in e] == [3]
         assert ids(files.lines()) == ["kept"]
 
-    def test_a_writer_that_hangs_does_not_take_all_the_memory(self) -> None:
-        files = Files(self)
+    def hang_the_writer(self) -> threading.Event:
+        """The writer thread waits in its first write until the event is set."""
         release = threading.Event()
         self.addCleanup(release.set)
 
@@ -395,6 +395,11 @@ class WriterTests(SynchronousTestCase):
             write_all(fd, data)
 
         self.patch(accesslog, "write_all", hanging)
+        return release
+
+    def test_a_writer_that_hangs_does_not_take_all_the_memory(self) -> None:
+        files = Files(self)
+        release = self.hang_the_writer()
         self.patch(AccessLog, "max_queued", 3 * len(format_json(record())))
         access = files.log()
         for name in ("a", "b", "c"):  # "a" hangs, "b" and "c" wait: the limit
@@ -411,14 +416,7 @@ class WriterTests(SynchronousTestCase):
 
     def test_drops_are_said_once_a_second_even_when_each_record_is_flushed(self) -> None:
         files = Files(self)
-        release = threading.Event()
-        self.addCleanup(release.set)
-
-        def hanging(fd: int, data: bytes) -> None:
-            assert release.wait(WAIT), "the test never released the writer"
-            write_all(fd, data)
-
-        self.patch(accesslog, "write_all", hanging)
+        release = self.hang_the_writer()
         self.patch(AccessLog, "max_queued", len(format_json(record())))
         access = files.log(flush_interval=0)
         with capturedLogs() as events:
