@@ -157,6 +157,12 @@ class PortService(Service):
         if self.port is None:
             self.port = self.open()
 
+    def startService(self) -> None:
+        # A port added to a parent that is already running gets no
+        # privilegedStartService: it opens here (once).
+        super().startService()
+        self.privilegedStartService()
+
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
         if self.port is None:
@@ -188,10 +194,6 @@ class ListeningPort(PortService):
             description=self.description,
         )
         return port
-
-    def startService(self) -> None:
-        super().startService()
-        self.privilegedStartService()
 
 
 def bind(reactor: Any, description: str) -> IListeningPort:
