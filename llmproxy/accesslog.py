@@ -384,20 +384,21 @@ class AccessLog(Service):
 
     def _start_loop(self) -> None:
         """Flush every ``flush_interval`` seconds (with 0, :meth:`write` flushes)."""
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
+        self._stop_loop()
         if self.flush_interval > 0:
             self._loop = LoopingCall(self.flush)
             self._loop.clock = self.reactor
             self._loop.start(self.flush_interval, now=False)
 
-    def stopService(self) -> None:
-        """Write what waits, close the file; this blocks, for up to :attr:`stop_timeout`."""
-        super().stopService()
+    def _stop_loop(self) -> None:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
+
+    def stopService(self) -> None:
+        """Write what waits, close the file; this blocks, for up to :attr:`stop_timeout`."""
+        super().stopService()
+        self._stop_loop()
         self._dropped_said = float("-inf")  # the last word on drops, whenever the one before
         self.flush()
         writer, self._writer = self._writer, None
