@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from llmproxy.body import check_fields, parse_body, rewrite_body
 from llmproxy.errors import APIError
-from llmproxy.sse import SSEParser
+from llmproxy.sse import SSEParser, parse_event
 
 
 class RewriteTests(SynchronousTestCase):
@@ -78,3 +80,47 @@ class SSEParserTests(SynchronousTestCase):
         parser = SSEParser()
         assert parser.feed(b"data: 1\n\ndata: par")[0].data == "1"
         assert parser.pending() == b"data: par"
+
+    def test_only_sse_line_breaks_split_lines(self) -> None:
+        # JSON text may hold U+2028 or a form feed unescaped: they are data.
+        for raw in ('data: {"t":"a\u2028b\x0cc"}\n\n', "event: e\ndata: a\u2028b\r\n\r\n"):
+            event = parse_event(raw.encode())
+            assert "a\u2028b" in event.data and not event.is_comment
+
+    def test_the_one_data_line_path_agrees_with_the_general_one(self) -> None:
+        lines = ["data: x", "data:x", "data:  x", "data: é ü", "data: \u2028", "data:"]
+        for line in lines:
+            fast = parse_event(f"{line}\n\n".encode())
+            general = parse_event(f"{line}\r\n\r\n".encode())  # CR: the general loop
+            assert (fast.event, fast.data) == (general.event, general.data), line
+        assert parse_event(b"data: \xff\n\n").data == "\ufffd"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["data", "event", "", "id", "data "]),
+            st.text(
+                st.characters(exclude_characters="\r\n", exclude_categories=["Cs"]), max_size=12
+            ),
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    st.sampled_from(["\n", "\r\n"]),
+    st.integers(min_value=1, max_value=7),
+)
+def test_any_chunking_gives_the_events_of_the_whole(
+    fields: list[tuple[str, str]], newline: str, size: int
+) -> None:
+    """Fed in chunks of any size, with LF or CRLF lines, the parser finds what it finds whole."""
+    event = newline.join(f"{name}:{value}" if name else f":{value}" for name, value in fields)
+    stream = ((event + newline * 2) * 3).encode()
+    whole = SSEParser().feed(stream)
+    parser = SSEParser()
+    pieces = []
+    for i in range(0, len(stream), size):
+        pieces += parser.feed(stream[i : i + size])
+    assert [(e.raw, e.event, e.data) for e in pieces] == [(e.raw, e.event, e.data) for e in whole]
+    assert len(whole) == 3 and parser.pending() == b""
