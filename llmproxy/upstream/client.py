@@ -84,6 +84,10 @@ class UpstreamEndpoints:
     make every failover from a dead local backend 300 ms slower.  Names and
     HTTPS go through HostnameEndpoint and TLS with certificate checks, as
     Twisted's Agent does by default.
+
+    The Agent asks for an endpoint on every request; an upstream has one
+    scheme, host and port, so each endpoint is made once and kept (an
+    endpoint makes a new connection on each ``connect``).
     """
 
     def __init__(self, reactor: Any, connect_timeout: float) -> None:
@@ -92,8 +96,16 @@ class UpstreamEndpoints:
         self.reactor = reactor
         self.timeout = connect_timeout
         self.tls = BrowserLikePolicyForHTTPS()
+        self._made: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        where = (uri.scheme, uri.host, uri.port)
+        endpoint = self._made.get(where)
+        if endpoint is None:
+            endpoint = self._made[where] = self._endpoint(uri)
+        return endpoint
+
+    def _endpoint(self, uri: URI) -> IStreamClientEndpoint:
         host = uri.host.decode("ascii")
         if uri.scheme == b"http":
             try:

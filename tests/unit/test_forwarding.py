@@ -145,6 +145,23 @@ class ForwardingRuleTests(SynchronousTestCase):
         tls = factory.endpointForURI(URI.fromBytes(b"https://api.openai.com/v1"))
         assert not isinstance(tls, HostnameEndpoint | TCP4ClientEndpoint)  # wrapped in TLS
 
+    def test_each_upstream_endpoint_is_made_once_and_connects_each_time(self) -> None:
+        from twisted.internet.protocol import Factory, Protocol
+        from twisted.internet.testing import MemoryReactorClock
+        from twisted.web.client import URI
+
+        from llmproxy.upstream.client import UpstreamEndpoints
+
+        reactor = MemoryReactorClock()
+        factory = UpstreamEndpoints(reactor, 3)
+        chat = factory.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8001/v1/chat/completions"))
+        models = factory.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8001/v1/models?x=1"))
+        other = factory.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8002/v1/models"))
+        assert chat is models and other is not chat
+        chat.connect(Factory.forProtocol(Protocol))
+        models.connect(Factory.forProtocol(Protocol))
+        assert [(host, port) for host, port, *_ in reactor.tcpClients] == [("127.0.0.1", 8001)] * 2
+
 
 class SecretTests(SynchronousTestCase):
     def test_upstream_key_echoed_back_is_redacted(self) -> None:
