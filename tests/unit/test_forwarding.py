@@ -157,7 +157,8 @@ class ForwardingRuleTests(SynchronousTestCase):
         chat = factory.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8001/v1/chat/completions"))
         models = factory.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8001/v1/models?x=1"))
         other = factory.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8002/v1/models"))
-        assert chat is models and other is not chat
+        tls = factory.endpointForURI(URI.fromBytes(b"https://127.0.0.1:8001/v1/models"))
+        assert chat is models and other is not chat and tls is not chat
         chat.connect(Factory.forProtocol(Protocol))
         models.connect(Factory.forProtocol(Protocol))
         assert [(host, port) for host, port, *_ in reactor.tcpClients] == [("127.0.0.1", 8001)] * 2

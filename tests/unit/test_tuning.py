@@ -23,8 +23,9 @@ class TuningTests(SynchronousTestCase):
     def test_a_cycle_that_outlived_a_young_collection_is_soon_reclaimed(self) -> None:
         """
         An in-flight request's objects survive young collections, and die as
-        cycles later: the middle generation must be collected every few young
-        collections, or 256 streams at a time leave some 60 MB behind.
+        cycles later: they must be reclaimed within a dozen young collections'
+        worth of allocations (at 50 young collections per middle one, 256
+        streams at a time held some 60 MB more: docs/performance.rst).
         """
         before = gc.get_threshold()
         self.addCleanup(gc.set_threshold, *before)
