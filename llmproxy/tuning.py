@@ -9,10 +9,9 @@ collector took ~15% of the proxy's CPU, and its full collections paused the
 reactor for up to ~40 ms, which is the tail of the latency.  With a young
 threshold of 20,000 the collector cost fell to about a third and the pauses
 to a few milliseconds (measured with the older generations at 50 and 100;
-figures in docs/performance.rst).  Objects made
-during start-up (modules, config, routes) live as long as the process:
-:func:`gc.freeze` moves them out of the collector's sight, so no collection
-walks them again.
+figures in docs/performance.rst).  Objects made during start-up (modules,
+config, routes) live as long as the process: :func:`gc.freeze` moves them out
+of the collector's sight, so no collection walks them again.
 
 The older generations keep CPython's thresholds (10, 10).  A request's
 objects survive the young collections that run while it is in flight, and
