@@ -57,6 +57,7 @@ from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from llmproxy.flushing import flush_at_end_of_turn
 from llmproxy.signals import exit_cleanly
 
 #: Back-off before restarting a worker that died: first, and at most.
@@ -156,6 +157,7 @@ class PortService(Service):
         super().privilegedStartService()
         if self.port is None:
             self.port = self.open()
+            flush_at_end_of_turn(self.port)
 
     def startService(self) -> None:
         # A port added to a parent that is already running gets no
