@@ -514,11 +514,18 @@ class GatewaySite(Site):
         """A request starts: count it in, and out again when it ends, and tell the observer."""
         self.inflight.begin()
 
-        def ended(result: object) -> None:
+        def observe(lost: bool) -> None:
             try:
-                self.observer.finished(request, lost=isinstance(result, Failure))
+                self.observer.finished(request, lost=lost)
             finally:
                 self.inflight.end()
+
+        def ended(result: object) -> None:
+            # The access log and the metrics are not the client's business:
+            # they wait for the end of the turn, after the answer's last bytes
+            # were sent (llmproxy.flushing's call was made first, when they
+            # were written).  Counted in flight until then, so a drain waits.
+            self.reactor.callLater(0, observe, isinstance(result, Failure))
 
         request.notifyFinish().addBoth(ended)
 

@@ -97,3 +97,33 @@ class ForwardedForTests(SynchronousTestCase):
         )
         assert request_from("198.51.100.7", "203.0.113.9").getClientAddress().host == "198.51.100.7"
         assert request_from("127.0.0.1", "garbage").getClientAddress().host == "127.0.0.1"
+
+
+class ObserverTimingTests(SynchronousTestCase):
+    def test_the_observer_hears_of_a_request_after_its_turn_and_it_counts_till_then(self) -> None:
+        from twisted.web.resource import Resource
+        from twisted.web.test.requesthelper import DummyChannel
+
+        clock = Clock()
+        seen: list[tuple[GatewayRequest, bool]] = []
+
+        class Observer:
+            def finished(self, request: GatewayRequest, lost: bool) -> None:
+                seen.append((request, lost))
+
+            def refused(self, endpoint: str, status: int) -> None:
+                pass
+
+        chan = DummyChannel()
+        site = GatewaySite(
+            Resource(), max_body_bytes=10, trusted_proxies=(), observer=Observer(), reactor=clock
+        )
+        chan.site = site
+        request = GatewayRequest(chan)
+        site.begin(request)
+        request.finish()
+        # The access log and metrics wait for the turn's end (after the answer's
+        # bytes are sent); a drain still waits for them.
+        assert seen == [] and site.inflight.count == 1
+        clock.advance(0)
+        assert seen == [(request, False)] and site.inflight.count == 0
