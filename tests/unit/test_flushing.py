@@ -310,3 +310,18 @@ def test_it_leaves_ports_of_other_kinds_and_applies_once() -> None:
         assert port.transport is first and issubclass(first, FlushAtEndOfTurn)
     finally:
         port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_gateways_listening_ports_flush_at_the_end_of_the_turn() -> None:
+    from llmproxy.workers import ListeningPort
+
+    service = ListeningPort(
+        reactor, "tcp:0:interface=127.0.0.1", Factory.forProtocol(Protocol), "t"
+    )
+    service.privilegedStartService()
+    try:
+        assert issubclass(service.port.transport, FlushAtEndOfTurn)
+    finally:
+        stopped: Any = service.stopService()
+        await stopped
