@@ -14,10 +14,17 @@ two calls and the dispatch are overhead paid per event (measured in
 queue their writes and send them from one ``callLater(0)`` shared by every
 connection written to in that turn: it runs right after the turn's I/O, so
 what a turn wrote still leaves in one ``send`` per connection, as it does
-with Twisted's own path, and no later.  What the socket does not take (a slow
-reader), a write to a connection the reactor is already watching, and a
-connection that is closing all go Twisted's own way: registered with the
-reactor until drained, with the producer paused and resumed as before.
+with Twisted's own path.  (What a timed call writes, a keep-alive comment,
+now waits for the next poll's I/O to be handled first.)  What the socket does
+not take (a slow reader), a write to a connection the reactor is already
+watching, a connection that is closing and one after ``startTLS`` all go
+Twisted's own way: registered with the reactor until drained, with the
+producer paused and resumed as before.
+
+Like every Twisted timer, the flush runs on the wall clock: should the clock
+step back while one is pending, the next write to any connection of the port
+brings it forward (:meth:`_Turn.add`); with no next write, that turn's bytes
+wait until the clock catches up.
 """
 
 from __future__ import annotations
@@ -35,10 +42,15 @@ class _Turn:
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
         self.waiting: list[FlushAtEndOfTurn] = []
+        self._call: Any = None
 
     def add(self, connection: FlushAtEndOfTurn) -> None:
         if not self.waiting:
-            self.reactor.callLater(0, self.flush)
+            self._call = self.reactor.callLater(0, self.flush)
+        elif self._call.getTime() > self.reactor.seconds():
+            # Twisted's timers run on the wall clock: stepped back since the
+            # call was made, it would wait for the clock to catch up.
+            self._call.reset(0)
         self.waiting.append(connection)
 
     def flush(self) -> None:
@@ -47,10 +59,10 @@ class _Turn:
             try:
                 connection.flush()
             except Exception:  # noqa: BLE001 - one connection's mishap must not strand the rest
-                # A producer's resumeProducing raised: let the reactor's own
-                # write path carry on with this connection, and the others flush.
-                self.log.failure("flushing a connection")
-                connection.startWriting()
+                # A producer's resumeProducing raised.  The reactor would log
+                # it and drop the connection; so do we, and the others flush.
+                self.log.failure("flushing a connection (it is closed)")
+                connection.abortConnection()  # type: ignore[attr-defined]
 
 
 class FlushAtEndOfTurn:
@@ -66,6 +78,7 @@ class FlushAtEndOfTurn:
 
     # These are FileDescriptor's, re-declared for the type checker.
     connected: int
+    TLS = False  # as Twisted's own, until a startTLS
     _writeDisconnected: bool  # noqa: N815
     _tempDataBuffer: list[bytes]  # noqa: N815
     _tempDataLen: int  # noqa: N815
@@ -80,8 +93,12 @@ class FlushAtEndOfTurn:
             self._watched = False
             super().stopWriting()  # type: ignore[misc]
 
+    def _theirs(self) -> bool:
+        """Whether a write goes Twisted's own way (``TLS``: after a ``startTLS``)."""
+        return self._watched or not self.connected or self._writeDisconnected or self.TLS
+
     def write(self, data: bytes) -> None:
-        if self._watched or not self.connected or self._writeDisconnected or not data:
+        if not data or self._theirs():
             super().write(data)  # type: ignore[misc]
             return
         if not isinstance(data, bytes):
@@ -91,7 +108,7 @@ class FlushAtEndOfTurn:
         self._queue()
 
     def writeSequence(self, iovec: list[bytes]) -> None:
-        if self._watched or not self.connected or self._writeDisconnected or not iovec:
+        if not iovec or self._theirs():
             super().writeSequence(iovec)  # type: ignore[misc]
             return
         for data in iovec:

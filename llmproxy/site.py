@@ -285,8 +285,9 @@ class GatewayRequest(Request):
         return site
 
     def now(self) -> float:
-        """The site's clock."""
-        return self._site.reactor.seconds()
+        """The site's clock; once the request has ended, the time it ended."""
+        ended = self.trace.ended
+        return ended if ended is not None else self._site.reactor.seconds()
 
     @property
     def api(self) -> str:
@@ -522,9 +523,11 @@ class GatewaySite(Site):
 
         def ended(result: object) -> None:
             # The access log and the metrics are not the client's business:
-            # they wait for the end of the turn, after the answer's last bytes
-            # were sent (llmproxy.flushing's call was made first, when they
-            # were written).  Counted in flight until then, so a drain waits.
+            # they wait for the end of the turn, by when the answer has
+            # usually been sent (llmproxy.flushing's call for it was made
+            # earlier, when it was written), and time the request as it ends
+            # now.  It counts as in flight until then, so a drain waits.
+            request.trace.ended = self.reactor.seconds()
             self.reactor.callLater(0, observe, isinstance(result, Failure))
 
         request.notifyFinish().addBoth(ended)

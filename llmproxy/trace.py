@@ -45,6 +45,8 @@ class Trace:
     error_code: str | None = None
     #: When the client's first byte (its headers) went out.
     first_byte: float | None = None
+    #: When the request ended (its observer hears of it a little later).
+    ended: float | None = None
 
     def wait(self, now: float) -> None:
         """A wait on an upstream (or a flight) begins."""

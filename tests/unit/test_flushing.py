@@ -16,11 +16,11 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
-from llmproxy.flushing import FlushAtEndOfTurn, flush_at_end_of_turn
+from llmproxy.flushing import FlushAtEndOfTurn, _Turn, flush_at_end_of_turn
 
 reactor: Any = _reactor
 
@@ -67,7 +67,7 @@ class Client(Protocol):
 class Pair:
     """A flushing listening port, and one connection to it from each side."""
 
-    def __init__(self, server: Server, client: Client, port: Any, watched: list[Any]) -> None:
+    def __init__(self, server: Server, client: Client, port: Any, watched: Watched) -> None:
         self.server, self.client, self.port, self.watched = server, client, port, watched
 
     @property
@@ -75,21 +75,49 @@ class Pair:
         return self.server.transport
 
 
-@pytest.fixture
-def watched(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+class Watched:
     """Every selectable the reactor is asked to watch for writability."""
-    calls: list[Any] = []
+
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+        self._waiting: list[tuple[Any, Deferred[None]]] = []
+
+    def __contains__(self, selectable: Any) -> bool:
+        return selectable in self.calls
+
+    def clear(self) -> None:
+        self.calls.clear()
+
+    def saw(self, selectable: Any) -> None:
+        self.calls.append(selectable)
+        for waiting in [w for w in self._waiting if w[0] is selectable]:
+            self._waiting.remove(waiting)
+            waiting[1].callback(None)
+
+    def wait(self, selectable: Any) -> Deferred[None]:
+        """Fires once the reactor has been asked to watch ``selectable``."""
+        done: Deferred[None] = Deferred()
+        if selectable in self.calls:
+            done.callback(None)
+        else:
+            self._waiting.append((selectable, done))
+        return done.addTimeout(30, reactor)
+
+
+@pytest.fixture
+def watched(monkeypatch: pytest.MonkeyPatch) -> Watched:
+    spy = Watched()
     add_writer = reactor.addWriter
 
-    def spy(selectable: Any) -> None:
-        calls.append(selectable)
+    def watching(selectable: Any) -> None:
+        spy.saw(selectable)
         add_writer(selectable)
 
-    monkeypatch.setattr(reactor, "addWriter", spy)
-    return calls
+    monkeypatch.setattr(reactor, "addWriter", watching)
+    return spy
 
 
-async def connected(watched: list[Any]) -> Pair:
+async def connected(watched: Watched) -> Pair:
     made: Deferred[Server] = Deferred()
     port = reactor.listenTCP(0, Factory.forProtocol(lambda: Server(made)), interface="127.0.0.1")
     flush_at_end_of_turn(port)
@@ -121,7 +149,7 @@ def count_sends(transport: Any) -> list[int]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_turns_writes_leave_in_one_send_without_the_reactor(watched: list[Any]) -> None:
+async def test_a_turns_writes_leave_in_one_send_without_the_reactor(watched: Watched) -> None:
     pair = await connected(watched)
     transport = pair.transport
     assert isinstance(transport, FlushAtEndOfTurn)
@@ -147,30 +175,23 @@ async def test_a_turns_writes_leave_in_one_send_without_the_reactor(watched: lis
 
 
 @pytest_twisted.ensureDeferred
-async def test_what_the_socket_does_not_take_waits_for_the_reactor(watched: list[Any]) -> None:
+async def test_what_the_socket_does_not_take_waits_for_the_reactor(watched: Watched) -> None:
     pair = await connected(watched)
     transport = pair.transport
     pair.client.transport.pauseProducing()  # type: ignore[union-attr]
     data = bytes(range(256)) * 65536  # 16 MiB: more than loopback's socket buffers hold
     transport.write(data[: len(data) // 2])
     transport.writeSequence([data[len(data) // 2 :]])
-    # Poll until the flush has run and left the rest to the reactor.
-    for _ in range(1000):
-        if transport in watched:
-            break
-        await deferLater(reactor, 0.001, lambda: None)
-    assert transport in watched and transport._watched
+    await watched.wait(transport)  # the flush sent what fit and left the rest to the reactor
+    assert transport._watched
     transport.write(b"after")  # a write while the reactor has the connection queues behind
     pair.client.transport.resumeProducing()  # type: ignore[union-attr]
     await pair.client.wait_for(len(data) + 5)
     assert bytes(pair.client.received) == data + b"after"
-    # Drained: the reactor let go, and the next write is the turn's again.
-    for _ in range(1000):
-        if not transport._watched:
-            break
-        await deferLater(reactor, 0.001, lambda: None)
+    # Drained (the reactor let go in the doWrite that sent the last bytes),
+    # and the next write is the turn's again.
     assert not transport._watched
-    del watched[:]
+    watched.clear()
     transport.write(b"!")
     await pair.client.wait_for(len(data) + 6)
     assert transport not in watched
@@ -179,7 +200,7 @@ async def test_what_the_socket_does_not_take_waits_for_the_reactor(watched: list
 
 @pytest_twisted.ensureDeferred
 async def test_written_then_closed_in_one_turn_arrives_whole_then_closes(
-    watched: list[Any],
+    watched: Watched,
 ) -> None:
     pair = await connected(watched)
     pair.transport.write(b"last words")
@@ -191,7 +212,7 @@ async def test_written_then_closed_in_one_turn_arrives_whole_then_closes(
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_connection_aborted_before_its_flush_is_skipped(watched: list[Any]) -> None:
+async def test_what_was_queued_for_a_connection_then_aborted_is_dropped(watched: Watched) -> None:
     pair = await connected(watched)
     pair.transport.write(b"never sent")
     pair.transport.abortConnection()
@@ -216,7 +237,7 @@ class Producer:
 
 @pytest_twisted.ensureDeferred
 async def test_a_streaming_producer_is_paused_over_the_buffer_and_resumed(
-    watched: list[Any],
+    watched: Watched,
 ) -> None:
     pair = await connected(watched)
     transport = pair.transport
@@ -228,10 +249,7 @@ async def test_a_streaming_producer_is_paused_over_the_buffer_and_resumed(
     transport.writeSequence([b"y" * 600])
     assert producer.events == ["pause"]  # at once, as Twisted's own write does
     await pair.client.wait_for(1200)
-    for _ in range(1000):
-        if "resume" in producer.events:
-            break
-        await deferLater(reactor, 0.001, lambda: None)
+    # Resumed in the doWrite that sent the last bytes, before they arrived.
     assert producer.events == ["pause", "resume"]
     assert bytes(pair.client.received) == b"x" * 600 + b"y" * 600
     transport.unregisterProducer()
@@ -245,31 +263,25 @@ class Raising(Producer):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_producers_mishap_is_logged_and_strands_no_other_connection(
-    watched: list[Any],
+async def test_a_producers_mishap_is_logged_and_closes_only_its_connection(
+    watched: Watched,
 ) -> None:
-    made: list[Server] = []
-
-    def server() -> Server:
-        d: Deferred[Server] = Deferred()
-        d.addCallback(made.append)
-        return Server(d)
-
-    port = reactor.listenTCP(0, Factory.forProtocol(server), interface="127.0.0.1")
+    ready: list[Deferred[Server]] = [Deferred(), Deferred()]
+    pending = list(ready)
+    port = reactor.listenTCP(
+        0, Factory.forProtocol(lambda: Server(pending.pop(0))), interface="127.0.0.1"
+    )
     flush_at_end_of_turn(port)
     clients = [Client(), Client()]
-    for client in clients:
+    servers = []
+    for client, made in zip(clients, ready, strict=True):  # one after the other: in order
         factory: Any = ClientFactory.forProtocol(Protocol)
         factory.buildProtocol = lambda _, c=client: c
         reactor.connectTCP("127.0.0.1", port.getHost().port, factory)
+        servers.append(await made.addTimeout(30, reactor))
         await client.made.addTimeout(30, reactor)
-    for _ in range(1000):
-        if len(made) == 2:
-            break
-        await deferLater(reactor, 0.001, lambda: None)
-    first: Any = made[0].transport
-    second: Any = made[1].transport
-    assert first is not None and second is not None
+    first: Any = servers[0].transport
+    second: Any = servers[1].transport
     failures: list[Any] = []
     observer: Any = failures.append
     globalLogPublisher.addObserver(observer)
@@ -278,20 +290,45 @@ async def test_a_producers_mishap_is_logged_and_strands_no_other_connection(
         first.bufferSize = 10
         first.registerProducer(producer, True)
         first.write(b"over the buffer")  # pauses the producer; resuming it raises
-        second.write(b"still sent")
-        for client, expected in ((clients[0], b"over the buffer"), (clients[1], b"still sent")):
-            await client.wait_for(len(expected))
+        second.write(b"still sent")  # flushed in the same turn, after the first
+        await clients[0].lost.addTimeout(
+            30, reactor
+        )  # dropped, as the reactor drops one whose doWrite raised
+        await clients[1].wait_for(len(b"still sent"))
     finally:
         globalLogPublisher.removeObserver(observer)
-    assert producer.events == ["pause", "resume"]
-    assert [bytes(c.received) for c in clients] == [b"over the buffer", b"still sent"]
+    assert producer.events[:2] == ["pause", "resume"]
+    assert bytes(clients[1].received) == b"still sent"
     assert any("flushing a connection" in str(e.get("log_format")) for e in failures)
-    first.unregisterProducer()
-    first.loseConnection()
     second.loseConnection()
-    for client in clients:
-        await client.lost
+    await clients[1].lost
     await port.stopListening()
+
+
+class Connection:
+    def __init__(self, flushed: list[str], name: str) -> None:
+        self.flushed, self.name = flushed, name
+
+    def flush(self) -> None:
+        self.flushed.append(self.name)
+
+
+def test_a_pending_flush_is_brought_forward_when_the_clock_steps_back() -> None:
+    clock = Clock()
+    clock.advance(100)
+    turn = _Turn(clock)
+    flushed: list[str] = []
+    turn.add(Connection(flushed, "a"))  # type: ignore[arg-type]
+    clock.rightNow = 95.0  # the wall clock stepped back 5 s before the turn ended
+    turn.add(Connection(flushed, "b"))  # type: ignore[arg-type]
+    clock.advance(0)
+    assert flushed == ["a", "b"]
+    # Without a step, a second write in the turn schedules nothing more.
+    turn.add(Connection(flushed, "c"))  # type: ignore[arg-type]
+    turn.add(Connection(flushed, "d"))  # type: ignore[arg-type]
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(0)
+    assert flushed == ["a", "b", "c", "d"]
 
 
 def test_it_leaves_ports_of_other_kinds_and_applies_once() -> None:

@@ -105,11 +105,11 @@ class ObserverTimingTests(SynchronousTestCase):
         from twisted.web.test.requesthelper import DummyChannel
 
         clock = Clock()
-        seen: list[tuple[GatewayRequest, bool]] = []
+        seen: list[tuple[GatewayRequest, bool, float]] = []
 
         class Observer:
             def finished(self, request: GatewayRequest, lost: bool) -> None:
-                seen.append((request, lost))
+                seen.append((request, lost, request.now()))
 
             def refused(self, endpoint: str, status: int) -> None:
                 pass
@@ -119,11 +119,12 @@ class ObserverTimingTests(SynchronousTestCase):
             Resource(), max_body_bytes=10, trusted_proxies=(), observer=Observer(), reactor=clock
         )
         chan.site = site
+        clock.advance(10)
         request = GatewayRequest(chan)
         site.begin(request)
         request.finish()
         # The access log and metrics wait for the turn's end (after the answer's
         # bytes are sent); a drain still waits for them.
         assert seen == [] and site.inflight.count == 1
-        clock.advance(0)
-        assert seen == [(request, False)] and site.inflight.count == 0
+        clock.advance(3)  # a turn that took long: the request still ended at 10
+        assert seen == [(request, False, 10.0)] and site.inflight.count == 0
