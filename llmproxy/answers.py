@@ -190,15 +190,18 @@ class Inspector:
     #: A Messages API stream's usage so far: ``message_start``'s, updated by
     #: each ``message_delta`` (whose counts are the totals so far).
     _message_usage: dict[str, object] = attrs.field(factory=dict)
+    #: A whole answer :meth:`body` had to parse, kept for :func:`worth_storing`.
+    parsed: object = None
 
     def body(self, data: bytes) -> None:
         """A whole (non-streamed) answer."""
         self.body_bytes = len(data)
         if self.endpoint.startswith(("responses", "files", "batches")):
             try:
-                self._json(json.loads(data))  # the response id is needed
+                self.parsed = json.loads(data)  # the response id is needed
             except ValueError:
-                pass
+                return
+            self._json(self.parsed)
             return
         self.usage = usage_in(data) or self.usage
 
@@ -310,12 +313,17 @@ def error_of(data: str | bytes) -> object:
     return payload.get("error") if isinstance(payload, dict) else None
 
 
-def worth_storing(endpoint: str, body: bytes) -> bool:
-    """Is this whole answer complete and non-empty?  Nothing else is cached."""
-    try:
-        payload = json.loads(body)
-    except ValueError:
-        return False
+def worth_storing(endpoint: str, body: bytes, parsed: object = None) -> bool:
+    """
+    Is this whole answer complete and non-empty?  Nothing else is cached.
+    ``parsed``: ``body`` already parsed (by :meth:`Inspector.body`), if it was.
+    """
+    payload = parsed
+    if payload is None:
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return False
     if not isinstance(payload, dict) or payload.get("error"):
         return False
     if endpoint == "responses":

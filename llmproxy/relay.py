@@ -172,7 +172,8 @@ class Relay:
         sink.write(data)
         if not record:
             return Relayed()
-        if exchange.status != 200 or not worth_storing(call.request.endpoint, data):
+        endpoint = call.request.endpoint
+        if exchange.status != 200 or not worth_storing(endpoint, data, inspector.parsed):
             return Relayed(skipped=Uncacheable.INCOMPLETE)
         if len(data) > self.max_record:
             return Relayed(skipped=Uncacheable.TOO_LARGE)

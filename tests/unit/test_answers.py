@@ -159,6 +159,18 @@ class WorthStoringTests(SynchronousTestCase):
         assert worth_storing("responses", b'{"status": "completed", "output": [{}]}')
         assert not worth_storing("responses", b'{"status": "in_progress", "output": [{}]}')
 
+    def test_a_responses_answer_is_parsed_once(self) -> None:
+        body = b'{"object": "response", "id": "resp_1", "status": "completed", "output": [{}]}'
+        inspector = Inspector("responses")
+        inspector.body(body)
+        assert inspector.parsed == json.loads(body) and inspector.object_ids == ["resp_1"]
+        # What the inspector parsed is what is judged: the bytes are not read again.
+        assert worth_storing("responses", b"not json", inspector.parsed)
+        assert not worth_storing("responses", b"not json")
+        chat = Inspector("chat/completions")
+        chat.body(b'{"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}}')
+        assert chat.parsed is None and chat.usage is not None  # found without parsing it all
+
     def test_event_streams_are_told_by_their_content_type(self) -> None:
         sse = Headers({"content-type": ["text/event-stream; charset=utf-8"]})
         assert is_event_stream(sse)
