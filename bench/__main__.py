@@ -70,6 +70,22 @@ def parser() -> argparse.ArgumentParser:
         mock="auto", idle_streams=0, chunks=50, chunk_interval_ms=1.0, no_redis=True, pypy=None
     )
 
+    ab = sub.add_parser(
+        "ab", help="a change side by side: this checkout against --base REV, both under one load"
+    )
+    common(ab)
+    ab.add_argument("--base", required=True, help="the git revision to compare with")
+    ab.add_argument(
+        "--cells",
+        default="chat64,chat1,stream16,hit1",
+        help="chatN, responsesN (misses), hitN (memory-cache hits), streamN",
+    )
+    ab.add_argument("--rounds", type=int, default=4)
+    ab.add_argument("--output", default=None, help="directory of the report (bench/results)")
+    ab.set_defaults(
+        mock="auto", seconds=4.0, warmup=0.5, idle_streams=0, chunks=50, chunk_interval_ms=1.0
+    )
+
     rep = sub.add_parser("report", help="render a saved JSON report as Markdown")
     rep.add_argument("json", type=Path)
     return top
@@ -90,6 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "mocks":
         return harness.compare_mocks(args)
+    if args.command == "ab":
+        from bench import ab
+
+        return ab.main(args)
     return harness.main(args)
 
 

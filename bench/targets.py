@@ -176,12 +176,15 @@ def llmproxy(
     workers: int = 1,
     redis_url: str | None = None,
     python: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> Target:
-    """``twistd -n llmproxy`` from this interpreter's venv (or ``python``: PyPy)."""
+    """
+    ``twistd -n llmproxy`` from this interpreter's venv (or ``python``: PyPy),
+    in ``env`` (``bench ab``: another build first on ``PYTHONPATH``).
+    """
     port = free_port()
     config = workdir / f"{name}.yaml"
     config.write_text(yaml.safe_dump(llmproxy_config(workdir, name, mock_port, redis_url)))
-    env = None
     if python is None:
         twistd = [str(Path(sys.executable).parent / "twistd")]
     else:
