@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from bench.procs import raise_fd_limit
 CHECKOUT = Path(__file__).resolve().parent.parent
 #: Cell names: chatN / responsesN (misses at N connections), hitN (memory-cache
 #: hits), streamN (N concurrent streams).
-DEFAULT_CELLS = "chat64,chat1,stream16,hit1"
+CELL = re.compile(r"(chat|responses|hit|stream)([1-9][0-9]*)")
 
 
 def export(rev: str, into: Path) -> Path:
@@ -45,6 +46,26 @@ def export(rev: str, into: Path) -> Path:
         raise SystemExit(f"bench ab: git archive {rev}: {archive.stderr.decode().strip()}")
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
     return into
+
+
+def _this_build() -> str:
+    """This checkout's commit, and whether its files differ from it."""
+    head = (
+        subprocess.run(
+            ["git", "-C", str(CHECKOUT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        or "?"
+    )
+    dirty = subprocess.run(
+        ["git", "-C", str(CHECKOUT), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return f"{head} with uncommitted changes" if dirty else head
 
 
 def _imports_from(env: dict[str, str], cwd: Path) -> str:
@@ -63,38 +84,35 @@ def _imports_from(env: dict[str, str], cwd: Path) -> str:
 def measure(cell: str, target: targets.Target, run: Any) -> tuple[float, str]:
     """One cell against one target: its CPU cost (µs per request or stream), and a summary."""
     seconds = run.plan.seconds
-    if cell.startswith("stream"):
-        s = load.stream_cell(
-            target.name, target.port, target.headers, int(cell[6:]), seconds, target.cpu
-        )
+    found = CELL.fullmatch(cell)
+    assert found is not None  # checked by main
+    kind, n = found.group(1), int(found.group(2))
+    if kind == "stream":
+        s = load.stream_cell(target.name, target.port, target.headers, n, seconds, target.cpu)
+        if not s.streams:
+            raise RuntimeError(f"{cell} against {target.name}: no stream ({s.first_error})")
         f = s.figures()
         return (
             s.cpu_ms_per_stream * 1000,
             f"{s.streams} streams, TTFB p50 {f['ttfb_p50_ms']:.2f} ms",
         )
-    for prefix, api, kind in (
-        ("chat", "chat", "miss"),
-        ("responses", "responses", "miss"),
-        ("hit", "chat", "memory-hit"),
-    ):
-        if cell.startswith(prefix) and cell[len(prefix) :].isdigit():
-            c = load.wrk_cell(
-                run.workdir,
-                target.name,
-                target.port,
-                api,
-                target.headers,
-                int(cell[len(prefix) :]),
-                seconds,
-                run.plan.warmup,
-                target.cpu,
-                run.load_cpus,
-                kind=kind,
-            )
-            if c.failure:
-                raise RuntimeError(f"{cell} against {target.name}: {c.failure}")
-            return c.cpu_us_per_request, f"{c.rps:.0f} req/s, p50 {c.p50_ms:.3f} ms"
-    raise SystemExit(f"bench ab: unknown cell '{cell}' (chatN, responsesN, hitN, streamN)")
+    api = "responses" if kind == "responses" else "chat"
+    c = load.wrk_cell(
+        run.workdir,
+        target.name,
+        target.port,
+        api,
+        target.headers,
+        n,
+        seconds,
+        run.plan.warmup,
+        target.cpu,
+        run.load_cpus,
+        kind="memory-hit" if kind == "hit" else "miss",
+    )
+    if c.failure or not c.requests:
+        raise RuntimeError(f"{cell} against {target.name}: {c.failure or 'no request'}")
+    return c.cpu_us_per_request, f"{c.rps:.0f} req/s, p50 {c.p50_ms:.3f} ms"
 
 
 def side_by_side(
@@ -123,6 +141,9 @@ def side_by_side(
 def main(args: argparse.Namespace) -> int:
     raise_fd_limit(65536)
     cells = [c.strip() for c in args.cells.split(",") if c.strip()]
+    unknown = [c for c in cells if CELL.fullmatch(c) is None]
+    if unknown or not cells:
+        raise SystemExit(f"bench ab: cells are chatN, responsesN, hitN, streamN; got {unknown}")
     began = time.time()
     with started(args) as run:
         base_dir = export(args.base, run.workdir / "base")
@@ -149,7 +170,8 @@ def main(args: argparse.Namespace) -> int:
         lines = [
             f"# llmproxy A/B, {time.strftime('%Y-%m-%dT%H:%M:%S%z', time.localtime(began))}",
             "",
-            f"`python -m bench ab --base {args.base}`: this checkout (new) against {args.base}"
+            f"`python -m bench ab --base {args.base}`: this checkout (new: {_this_build()})"
+            f" against {args.base}"
             f" (base), both on CPU {run.proxy_cpus or 'any'} at once, under the same load;"
             f" {args.rounds} rounds of {run.plan.seconds:g} s per cell.",
             "",

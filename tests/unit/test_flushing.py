@@ -67,8 +67,8 @@ class Client(Protocol):
 class Pair:
     """A flushing listening port, and one connection to it from each side."""
 
-    def __init__(self, server: Server, client: Client, port: Any, watched: Watched) -> None:
-        self.server, self.client, self.port, self.watched = server, client, port, watched
+    def __init__(self, server: Server, client: Client, port: Any) -> None:
+        self.server, self.client, self.port = server, client, port
 
     @property
     def transport(self) -> Any:
@@ -117,7 +117,7 @@ def watched(monkeypatch: pytest.MonkeyPatch) -> Watched:
     return spy
 
 
-async def connected(watched: Watched) -> Pair:
+async def connected() -> Pair:
     made: Deferred[Server] = Deferred()
     port = reactor.listenTCP(0, Factory.forProtocol(lambda: Server(made)), interface="127.0.0.1")
     flush_at_end_of_turn(port)
@@ -126,7 +126,7 @@ async def connected(watched: Watched) -> Pair:
     reactor.connectTCP("127.0.0.1", port.getHost().port, factory)
     server = await made.addTimeout(30, reactor)
     await client.made.addTimeout(30, reactor)
-    return Pair(server, client, port, watched)
+    return Pair(server, client, port)
 
 
 async def closed(pair: Pair) -> None:
@@ -150,7 +150,7 @@ def count_sends(transport: Any) -> list[int]:
 
 @pytest_twisted.ensureDeferred
 async def test_a_turns_writes_leave_in_one_send_without_the_reactor(watched: Watched) -> None:
-    pair = await connected(watched)
+    pair = await connected()
     transport = pair.transport
     assert isinstance(transport, FlushAtEndOfTurn)
     sends = count_sends(transport)
@@ -176,7 +176,7 @@ async def test_a_turns_writes_leave_in_one_send_without_the_reactor(watched: Wat
 
 @pytest_twisted.ensureDeferred
 async def test_what_the_socket_does_not_take_waits_for_the_reactor(watched: Watched) -> None:
-    pair = await connected(watched)
+    pair = await connected()
     transport = pair.transport
     pair.client.transport.pauseProducing()  # type: ignore[union-attr]
     data = bytes(range(256)) * 65536  # 16 MiB: more than loopback's socket buffers hold
@@ -202,7 +202,7 @@ async def test_what_the_socket_does_not_take_waits_for_the_reactor(watched: Watc
 async def test_written_then_closed_in_one_turn_arrives_whole_then_closes(
     watched: Watched,
 ) -> None:
-    pair = await connected(watched)
+    pair = await connected()
     pair.transport.write(b"last words")
     pair.transport.loseConnection()
     await pair.client.lost
@@ -213,7 +213,7 @@ async def test_written_then_closed_in_one_turn_arrives_whole_then_closes(
 
 @pytest_twisted.ensureDeferred
 async def test_what_was_queued_for_a_connection_then_aborted_is_dropped(watched: Watched) -> None:
-    pair = await connected(watched)
+    pair = await connected()
     pair.transport.write(b"never sent")
     pair.transport.abortConnection()
     await pair.client.lost
@@ -239,7 +239,7 @@ class Producer:
 async def test_a_streaming_producer_is_paused_over_the_buffer_and_resumed(
     watched: Watched,
 ) -> None:
-    pair = await connected(watched)
+    pair = await connected()
     transport = pair.transport
     producer = Producer()
     transport.bufferSize = 1000
